@@ -1,0 +1,23 @@
+"""Names shared by the code, host.json, function bindings and infra/: one source of truth.
+
+A test checks that ``infra/`` and ``host.json`` agree with these.
+"""
+
+from __future__ import annotations
+
+QUEUE_INCOMING = "leads-incoming"
+QUEUE_VALIDATED = "leads-validated"
+QUEUE_READY = "leads-ready"
+
+#: Stage queues in pipeline order.
+STAGE_QUEUES: tuple[str, ...] = (QUEUE_INCOMING, QUEUE_VALIDATED, QUEUE_READY)
+
+#: The app setting prefix the Service Bus trigger bindings use (identity-based:
+#: ``ServiceBusConnection__fullyQualifiedNamespace``).
+SERVICEBUS_CONNECTION = "ServiceBusConnection"
+
+#: Application properties carried on every hop (DESIGN §3).
+PROP_PUBLISHER_ID = "publisherId"
+PROP_LEAD_ID = "leadId"
+PROP_ATTEMPT = "attempt"
+PROP_REPLAY_COUNT = "replayCount"

@@ -1,0 +1,131 @@
+"""Settings (DESIGN §8): read once from the environment into one frozen, typed object.
+
+A missing or invalid value raises :class:`~shared.errors.ConfigurationError` naming the variable,
+so a bad deployment fails at start rather than on the first lead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from shared.errors import ConfigurationError
+
+DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+DEFAULT_SOLUTION_NAME = "MicrosoftMarketplacesLeadIntegrationSolution"
+DEFAULT_MIN_SOLUTION_VERSION = "1.0.0.0"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """Parse a ``major.minor[.build[.revision]]`` version for numeric comparison.
+
+    Raises ValueError when a part is not a non-negative integer.
+    """
+    parts = text.strip().split(".")
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"not a version of the form major.minor.build.revision: {text!r}")
+    numbers = tuple(int(p) for p in parts)
+    return numbers + (0,) * (4 - len(numbers))
+
+
+class Settings(BaseModel):
+    """Every setting Lead Writer reads. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    data_dir: Path = Field(default=Path(".leadwriter"), alias="LEADWRITER_DATA_DIR")
+    queue_backend: Literal["embedded", "servicebus"] = Field(
+        default="embedded", alias="LEADWRITER_QUEUE_BACKEND"
+    )
+    secret_backend: Literal["embedded", "keyvault"] = Field(
+        default="embedded", alias="LEADWRITER_SECRET_BACKEND"
+    )
+    admin_key: SecretStr | None = Field(default=None, alias="LEADWRITER_ADMIN_KEY")
+    crm_allowed_hosts: tuple[str, ...] = Field(default=(), alias="LEADWRITER_CRM_ALLOWED_HOSTS")
+    solution_name: str = Field(default=DEFAULT_SOLUTION_NAME, alias="LEADWRITER_SOLUTION_NAME", min_length=1)
+    min_solution_version: str = Field(
+        default=DEFAULT_MIN_SOLUTION_VERSION, alias="LEADWRITER_MIN_SOLUTION_VERSION"
+    )
+    authority_host: str = Field(default=DEFAULT_AUTHORITY_HOST, alias="AZURE_AUTHORITY_HOST")
+    ca_bundle: Path | None = Field(default=None, alias="REQUESTS_CA_BUNDLE")
+    servicebus_namespace: str | None = Field(
+        default=None, alias="ServiceBusConnection__fullyQualifiedNamespace"
+    )
+    keyvault_url: str | None = Field(default=None, alias="KEYVAULT_URL")
+    #: Key for the embedded secret store (urlsafe base64 Fernet key); generated into the data dir if unset.
+    secret_key: SecretStr | None = Field(default=None, alias="LEADWRITER_SECRET_KEY")
+    http_host: str = Field(default="127.0.0.1", alias="LEADWRITER_HTTP_HOST")
+    http_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=7071, alias="LEADWRITER_HTTP_PORT")
+    #: Messages each stage worker handles at once (embedded runtime).
+    worker_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
+        default=16, alias="LEADWRITER_WORKER_CONCURRENCY"
+    )
+    #: Requests in flight to one publisher's CRM at once; below Dataverse's 52 concurrent requests.
+    publisher_concurrency: Annotated[int, Field(ge=1, le=50)] = Field(
+        default=8, alias="LEADWRITER_PUBLISHER_CONCURRENCY"
+    )
+    crm_connect_timeout: Annotated[float, Field(gt=0)] = Field(default=5.0, alias="LEADWRITER_CRM_CONNECT_TIMEOUT")
+    crm_read_timeout: Annotated[float, Field(gt=0)] = Field(default=30.0, alias="LEADWRITER_CRM_READ_TIMEOUT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LEADWRITER_LOG_LEVEL")
+    appinsights_connection_string: SecretStr | None = Field(
+        default=None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING"
+    )
+
+    @field_validator("crm_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("min_solution_version")
+    @classmethod
+    def _check_version(cls, value: str) -> str:
+        parse_version(value)
+        return value
+
+    @field_validator("authority_host")
+    @classmethod
+    def _normalise_authority(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if "://" not in value:
+            value = "https://" + value
+        if not value.startswith("https://"):
+            raise ValueError("the authority host must use https")
+        return value
+
+    @property
+    def min_version(self) -> tuple[int, ...]:
+        return parse_version(self.min_solution_version)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default: the process environment).
+
+        Raises ConfigurationError naming the variable that is missing or invalid.
+        """
+        env = os.environ if environ is None else environ
+        aliases = {field.alias for field in cls.model_fields.values() if field.alias}
+        # Empty strings mean "unset": the Functions host writes empty app settings that way.
+        values = {name: env[name] for name in aliases if env.get(name, "") != ""}
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "settings"
+            raise ConfigurationError(f"invalid setting {name}: {first['msg']}") from None
+        settings._check_backends()
+        return settings
+
+    def _check_backends(self) -> None:
+        if self.queue_backend == "servicebus" and not self.servicebus_namespace:
+            raise ConfigurationError(
+                "setting ServiceBusConnection__fullyQualifiedNamespace is required "
+                "when LEADWRITER_QUEUE_BACKEND=servicebus"
+            )
+        if self.secret_backend == "keyvault" and not self.keyvault_url:
+            raise ConfigurationError("setting KEYVAULT_URL is required when LEADWRITER_SECRET_BACKEND=keyvault")

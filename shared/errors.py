@@ -4,7 +4,8 @@
     ├── RetryLater                 transient: reschedule the message (honour ``retry_after``)
     │   ├── CrmUnavailable         network error, timeout, connection reset, 5xx
     │   ├── CrmThrottled           429 service protection limit (``retry_after`` from Retry-After)
-    │   └── AuthorityUnavailable   the Entra token endpoint could not be reached or failed
+    │   ├── AuthorityUnavailable   the Entra token endpoint could not be reached or failed
+    │   └── SecretStoreUnavailable Key Vault could not be reached, refused access or failed
     ├── DeadLetter                 permanent for this message: dead-letter it with ``reason``
     │   ├── InvalidLead
     │   ├── CredentialsMissing
@@ -96,6 +97,10 @@ class CrmThrottled(RetryLater):
 
 class AuthorityUnavailable(RetryLater):
     """The Entra token endpoint could not be reached or answered with a server error."""
+
+
+class SecretStoreUnavailable(RetryLater):
+    """The secret store (Key Vault) could not be reached, refused our identity or failed."""
 
 
 class DeadLetter(LeadWriterError):

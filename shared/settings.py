@@ -70,6 +70,11 @@ class Settings(BaseModel):
     )
     crm_connect_timeout: Annotated[float, Field(gt=0)] = Field(default=5.0, alias="LEADWRITER_CRM_CONNECT_TIMEOUT")
     crm_read_timeout: Annotated[float, Field(gt=0)] = Field(default=30.0, alias="LEADWRITER_CRM_READ_TIMEOUT")
+    #: Seconds between attempts of a transiently failing message (DESIGN §5 backoff); see shared/retry.py.
+    retry_schedule: tuple[float, ...] = Field(default=(), alias="LEADWRITER_RETRY_SCHEDULE")
+    #: Embedded broker: how long a received message stays locked, and deliveries before MaxDeliveryCountExceeded.
+    lock_duration: Annotated[float, Field(gt=0, le=300)] = Field(default=60.0, alias="LEADWRITER_LOCK_DURATION")
+    max_delivery_count: Annotated[int, Field(ge=1, le=2000)] = Field(default=10, alias="LEADWRITER_MAX_DELIVERY_COUNT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LEADWRITER_LOG_LEVEL")
     appinsights_connection_string: SecretStr | None = Field(
         default=None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING"
@@ -80,6 +85,20 @@ class Settings(BaseModel):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            try:
+                numbers = tuple(float(part) for part in parts)
+            except ValueError:
+                raise ValueError("must be comma-separated seconds, e.g. 5,15,60") from None
+            if not numbers or any(n < 0 for n in numbers):
+                raise ValueError("must be one or more non-negative numbers of seconds")
+            return numbers
         return value
 
     @field_validator("min_solution_version")

@@ -25,11 +25,30 @@ class InvalidPublisherId(ValueError):
     """A publisher id outside :data:`PUBLISHER_ID_PATTERN`."""
 
 
+#: Secret names every adapter accepts: Key Vault's rule, so the embedded store cannot drift from it.
+SECRET_NAME_PATTERN = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
+
+
+class InvalidSecretName(ValueError):
+    """A secret name outside :data:`SECRET_NAME_PATTERN`."""
+
+
+def validate_secret_name(name: str) -> str:
+    """Return ``name`` if it is a valid secret name; raise InvalidSecretName otherwise.
+
+    Names are compared case-insensitively by every adapter (Key Vault does so).
+    """
+    if not isinstance(name, str) or not SECRET_NAME_PATTERN.fullmatch(name):
+        raise InvalidSecretName("secret names must be 1-127 characters of letters, digits and '-'")
+    return name
+
+
 def validate_publisher_id(publisher_id: str) -> str:
     """Return ``publisher_id`` if valid; raise InvalidPublisherId naming the rule otherwise."""
     if not PUBLISHER_ID_PATTERN.fullmatch(publisher_id):
         raise InvalidPublisherId(
-            "publisherId must be 1-40 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "publisherId must be 1-40 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return publisher_id
 
@@ -75,7 +94,14 @@ class SecretStore(Protocol):
         """The current value, or None when there is no such secret."""
         ...
 
-    def put(self, name: str, value: str, *, content_type: str = CONTENT_TYPE, tags: Mapping[str, str] | None = None) -> None:
+    def put(
+        self,
+        name: str,
+        value: str,
+        *,
+        content_type: str = CONTENT_TYPE,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         """Create or replace a secret."""
 
     def delete(self, name: str) -> bool:

@@ -100,7 +100,9 @@ class Transport(Protocol):
     def renew_lock(self, message: ReceivedMessage) -> None:
         """Extend the lock by the queue's lock duration. Raises LockLost if the lock is gone."""
 
-    def peek_dead_letters(self, queue: str, max_messages: int = 100, from_sequence: int = 0) -> list[ReceivedMessage]:
+    def peek_dead_letters(
+        self, queue: str, max_messages: int = 100, from_sequence: int = 0
+    ) -> list[ReceivedMessage]:
         """Read dead letters without locking them, in sequence order starting at ``from_sequence``."""
         ...
 

@@ -1,0 +1,85 @@
+"""What the trigger adapters share: the process-wide pipeline and settlement through the Functions host.
+
+Built lazily on the first invocation (settings are read once, at start of work, not at import or in
+decorator arguments), then reused by every invocation of every stage in this worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+from azure.servicebus import ServiceBusReceivedMessage as SdkReceivedMessage
+
+from shared.secretstore import make_secret_store
+from shared.secretstore.base import ConnectionStore
+from shared.settings import Settings
+from shared.settle import Sender, Settled, settle
+from shared.stages import STAGES, Pipeline
+from shared.transport import make_transport
+from shared.transport.base import ReceivedMessage
+from shared.transport.servicebus import from_sdk_message
+
+logger = logging.getLogger(__name__)
+
+
+class MessageActions:
+    """The part of ``ServiceBusMessageActions`` we use (a Protocol would do; this documents it)."""
+
+    def complete(self, message: SdkReceivedMessage) -> None: ...  # pragma: no cover
+
+    def deadletter(
+        self,
+        message: SdkReceivedMessage,
+        deadletter_reason: str | None = None,
+        deadletter_error_description: str | None = None,
+    ) -> None: ...  # pragma: no cover
+
+
+@dataclass
+class ActionsSettler:
+    """Settles the trigger message through the host's settlement channel (gRPC to the host)."""
+
+    actions: MessageActions
+    sdk_message: SdkReceivedMessage
+
+    def complete(self, message: ReceivedMessage) -> None:
+        self.actions.complete(self.sdk_message)
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        self.actions.deadletter(
+            self.sdk_message, deadletter_reason=reason, deadletter_error_description=description
+        )
+
+
+@dataclass
+class Host:
+    settings: Settings
+    pipeline: Pipeline
+    sender: Sender
+
+
+@functools.cache
+def host() -> Host:
+    """The process-wide pipeline: settings, secret store, Service Bus sender."""
+    settings = Settings.from_env()
+    pipeline = Pipeline(settings, ConnectionStore(make_secret_store(settings)))
+    return Host(settings, pipeline, make_transport(settings))
+
+
+def run_stage(stage: str, sdk_message: SdkReceivedMessage, actions: MessageActions, *, using: Host | None = None) -> Settled:
+    """Run ``stage`` on the trigger message and settle it explicitly (send first, complete after).
+
+    Raises what the broker raises when settling fails: the host then leaves the message locked and it
+    is redelivered after the lock expires — nothing is lost.
+    """
+    current = using or host()
+    started = time.monotonic()
+    message = from_sdk_message(STAGES[stage], sdk_message)
+    outcome = current.pipeline.handle(stage, message)
+    return settle(
+        stage, message, outcome, sender=current.sender, settler=ActionsSettler(actions, sdk_message), started=started,
+        schedule=current.settings.retry_schedule,
+    )

@@ -1,0 +1,39 @@
+"""One Blueprint per stage: a Service Bus trigger that hands the message to the stage and settles it.
+
+Bindings name the connection *setting* (``ServiceBusConnection``, identity-based in Azure) and the
+queue names from :mod:`shared.names`, never values read from the environment.
+"""
+
+# No `from __future__ import annotations` here: the Functions worker reads the binding types from the
+# trigger function's annotations at indexing time, and needs them as real objects.
+
+import azure.functions as func
+import azurefunctions.extensions.bindings.servicebus as servicebus
+
+from functions._host import run_stage
+from shared.names import SERVICEBUS_CONNECTION
+from shared.stages import STAGES
+
+
+def stage_blueprint(stage: str) -> func.Blueprint:
+    """A Blueprint with the trigger function ``stage`` on its queue (auto-complete off)."""
+    bp = func.Blueprint()
+
+    @bp.function_name(stage)
+    @bp.service_bus_queue_trigger(
+        arg_name="message",
+        queue_name=STAGES[stage],
+        connection=SERVICEBUS_CONNECTION,
+        auto_complete_messages=False,
+    )
+    def trigger(
+        message: servicebus.ServiceBusReceivedMessage, message_actions: servicebus.ServiceBusMessageActions
+    ) -> None:
+        run_stage(stage, message, message_actions)
+
+    return bp
+
+
+validate_credentials = stage_blueprint("validate_credentials")
+check_solution = stage_blueprint("check_solution")
+write_lead = stage_blueprint("write_lead")

@@ -1,0 +1,5 @@
+"""The HTTP API (DESIGN §6): :func:`create_app` builds it from :class:`~shared.services.Services`."""
+
+from shared.api.app import create_app
+
+__all__ = ["create_app"]

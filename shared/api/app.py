@@ -1,0 +1,86 @@
+"""The FastAPI application of DESIGN §6, built from :class:`~shared.services.Services`.
+
+The same app object serves ``leadwriter serve`` (uvicorn on ``127.0.0.1:7071``) and Azure Functions
+(:mod:`functions.http`, through the ASGI integration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from shared.api import routes_admin, routes_publishers
+from shared.api.errors import install_error_handlers
+from shared.api.middleware import ApiMiddleware
+from shared.api.models import HealthAnswer
+from shared.lead import MAX_BODY_BYTES
+from shared.names import QUEUE_INCOMING
+from shared.services import Services
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a health check may take before its backend counts as not answering.
+HEALTH_TIMEOUT = 5.0
+#: A secret name no one stores: reading it proves the store answers, and costs a miss.
+_HEALTH_PROBE_SECRET = "leadwriter-health-probe"  # noqa: S105 - a name, not a secret
+
+DESCRIPTION = """Lead Writer delivers Microsoft commercial marketplace leads into each publisher's
+Dynamics 365 / Dataverse CRM.
+
+Send keys as `Authorization: Bearer <key>`: the admin key (`LEADWRITER_ADMIN_KEY`) or a publisher
+key issued by `POST /api/admin/publishers/{publisherId}/keys`. No key or an invalid key → 401; a
+valid key outside its scope → 403. Bodies over 256 KiB → 413; invalid input → 422
+`{"error", "field"}`.
+"""
+
+
+async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(run_in_threadpool(probe), timeout=HEALTH_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"; the type is enough
+        logger.warning("health check %s failed: %s", name, type(exc).__name__)
+        return name, "unavailable"
+    return name, "ok"
+
+
+def create_app(services: Services) -> FastAPI:
+    """The HTTP API over ``services``. Raises nothing; backends are first used per request."""
+    app = FastAPI(
+        title="Lead Writer",
+        version="1.0",
+        description=DESCRIPTION,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
+
+    @app.get("/api/health", response_model=HealthAnswer, tags=["health"], summary="Liveness and readiness")
+    async def health() -> JSONResponse:
+        settings = services.settings
+        checks = dict(
+            await asyncio.gather(
+                _check("queue", lambda: services.transport.stats(QUEUE_INCOMING)),
+                _check("secrets", lambda: services.secrets.get(_HEALTH_PROBE_SECRET)),
+            )
+        )
+        ok = all(state == "ok" for state in checks.values())
+        answer = HealthAnswer(
+            status="ok" if ok else "degraded",
+            queue_backend=settings.queue_backend,
+            secret_backend=settings.secret_backend,
+            checks=checks,
+        )
+        return JSONResponse(answer.model_dump(by_alias=True), status_code=200 if ok else 503)
+
+    app.include_router(routes_publishers.router)
+    app.include_router(routes_admin.router)
+    return app

@@ -1,0 +1,178 @@
+"""Who may call what (DESIGN §6): the admin key, publisher keys, and the scope of each.
+
+- No key, or a string that is not a valid key at all → **401** with ``WWW-Authenticate: Bearer``.
+- A valid key outside its scope (publisher A's key on publisher B, a publisher key on an admin
+  route) → **403**.
+
+Both are decided *before* the request body is read or the path validated, so an unauthorised caller
+learns nothing and changes nothing: :class:`GuardedRoute` runs the route's :class:`Guard` first, and
+the guard's dependency then only hands the already-decided :class:`Principal` to the endpoint.
+
+Keys are compared in constant time (``hmac.compare_digest`` for the admin key; hashes for publisher
+keys in :class:`~shared.apikeys.ApiKeyStore`) and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from shared.services import Services
+
+logger = logging.getLogger(__name__)
+
+#: Shown in OpenAPI as the security scheme of every guarded route.
+bearer_scheme = HTTPBearer(auto_error=False, description="An admin key or a publisher key")
+
+_STATE_KEY = "principal"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: the admin, or one publisher."""
+
+    admin: bool
+    publisher_id: str | None = None
+
+    def may_act_for(self, publisher_id: str) -> bool:
+        return self.admin or self.publisher_id == publisher_id
+
+
+class Unauthenticated(HTTPException):
+    """401: no key, or not a valid key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(401, detail=message, headers=dict(_CHALLENGE))
+
+
+class Forbidden(HTTPException):
+    """403: a valid key used outside its scope."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, detail=message)
+
+
+def services_of(request: Request) -> Services:
+    """The :class:`Services` the app was built with."""
+    services: Services = request.app.state.services
+    return services
+
+
+def bearer_key(request: Request) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (scheme case-insensitive), or None."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, key = header.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return None
+    return key
+
+
+def _is_admin_key(services: Services, key: str) -> bool:
+    admin = services.settings.admin_key
+    if admin is None or not admin.get_secret_value():
+        # Without LEADWRITER_ADMIN_KEY nothing is the admin key (DESIGN §8).
+        return False
+    return hmac.compare_digest(key.encode("utf-8"), admin.get_secret_value().encode("utf-8"))
+
+
+async def identify(services: Services, key: str, *, allow_admin: bool = True) -> Principal | None:
+    """The principal ``key`` belongs to, or None when it is no valid key.
+
+    Raises SecretStoreUnavailable (via the key store) when publisher keys cannot be checked now.
+    """
+    if allow_admin and _is_admin_key(services, key):
+        return Principal(admin=True)
+    publisher_id = await run_in_threadpool(services.api_keys.verify, key)
+    if publisher_id is None:
+        return None
+    return Principal(admin=False, publisher_id=publisher_id)
+
+
+class Guard:
+    """A route's authorisation rule; used as a FastAPI dependency that yields the :class:`Principal`.
+
+    ``admin_only``: only the admin key. Otherwise the admin key or the key of the publisher named by
+    the ``publisherId`` path parameter. ``query_key``: a publisher key may also come as ``?key=``
+    (the marketplace's HTTPS-endpoint destination can be given only a URL); the admin key never may,
+    so it never lands in a URL, a proxy log or browser history.
+    """
+
+    def __init__(self, *, admin_only: bool = False, query_key: bool = False) -> None:
+        self.admin_only = admin_only
+        self.query_key = query_key
+
+    async def authorize(self, request: Request) -> Principal:
+        """Decide the request's principal and store it on the request.
+
+        Raises Unauthenticated (401) or Forbidden (403); SecretStoreUnavailable when keys cannot be read.
+        """
+        services = services_of(request)
+        key = bearer_key(request)
+        from_query = False
+        if key is None and self.query_key:
+            query_key = request.query_params.get("key")
+            if query_key:
+                key, from_query = query_key, True
+        if key is None:
+            raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
+        principal = await identify(services, key, allow_admin=not from_query)
+        if principal is None:
+            raise Unauthenticated("the API key is not valid")
+        if self.admin_only:
+            if not principal.admin:
+                raise Forbidden("this route needs the admin key")
+        else:
+            target = request.path_params.get("publisherId")
+            if not isinstance(target, str) or not principal.may_act_for(target):
+                raise Forbidden("this key may act only for its own publisher")
+        setattr(request.state, _STATE_KEY, principal)
+        return principal
+
+    async def __call__(
+        self,
+        request: Request,
+        # Declared so OpenAPI shows the bearer scheme; the key itself is read in authorize().
+        _credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
+    ) -> Principal:
+        principal = getattr(request.state, _STATE_KEY, None)
+        if isinstance(principal, Principal):
+            return principal
+        return await self.authorize(request)
+
+
+ADMIN = Guard(admin_only=True)
+PUBLISHER = Guard()
+INGEST = Guard(query_key=True)
+
+
+class GuardedRoute(APIRoute):
+    """An APIRoute that runs its :class:`Guard` before FastAPI reads and validates the request.
+
+    FastAPI parses the body before it solves dependencies, so without this an unauthenticated caller
+    would get 422 for a malformed body instead of 401, and learn about the route's schema.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        guards = [dep.call for dep in self.dependant.dependencies if isinstance(dep.call, Guard)]
+        if not guards:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            for guard in guards:
+                await guard.authorize(request)
+            return await handler(request)
+
+        return guarded

@@ -1,0 +1,214 @@
+"""Admin routes (DESIGN §6): publisher keys, dead letters (peek, replay, purge) and queue stats.
+
+All of them need the admin key (``LEADWRITER_ADMIN_KEY``); without that setting they refuse everyone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi.responses import JSONResponse
+
+from shared.api.auth import ADMIN, GuardedRoute, Principal, services_of
+from shared.api.errors import error_response
+from shared.api.models import (
+    DeadLettersAnswer,
+    DeadLetterSelection,
+    ErrorAnswer,
+    FailingPublisher,
+    IssuedKey,
+    PurgeAnswer,
+    PurgeBody,
+    QueueStatsAnswer,
+    ReplayAnswer,
+    ReplayBody,
+    StatsAnswer,
+)
+from shared.deadletters import DeadLetterFilter, list_dead_letters, plan_replay, purge, replay
+from shared.names import STAGE_QUEUES
+from shared.secretstore.base import validate_publisher_id
+from shared.services import Services
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(route_class=GuardedRoute, tags=["admin"])
+
+AdminAccess = Annotated[Principal, Depends(ADMIN)]
+ServicesDep = Annotated[Services, Depends(services_of)]
+PublisherId = Annotated[str, Path(alias="publisherId")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorAnswer, "description": "no key, not a valid key, or no admin key configured"},
+    403: {"model": ErrorAnswer, "description": "a publisher key on an admin route"},
+    422: {"model": ErrorAnswer, "description": "invalid input"},
+    503: {"model": ErrorAnswer, "description": "a backend is unavailable; retry after Retry-After"},
+}
+
+
+class _BadFilter(ValueError):
+    """A filter the dead-letter core refused; ``field`` names the parameter."""
+
+    def __init__(self, error: ValueError) -> None:
+        text = str(error)
+        name, separator, _ = text.partition(":")
+        self.field = name.strip() if separator and name.strip().isidentifier() else "body"
+        super().__init__(text)
+
+
+def _filter(selection: DeadLetterSelection) -> DeadLetterFilter:
+    try:
+        return DeadLetterFilter.build(
+            queue=selection.queue,
+            reason=selection.reason,
+            publisher_id=selection.publisher_id,
+            message_ids=selection.message_ids,
+        )
+    except ValueError as exc:
+        raise _BadFilter(exc) from None
+
+
+def _bad_filter(exc: _BadFilter) -> JSONResponse:
+    return error_response(422, str(exc), field=exc.field)
+
+
+@router.post(
+    "/api/admin/publishers/{publisherId}/keys",
+    status_code=201,
+    response_model=IssuedKey,
+    responses=_ERRORS,
+    summary="Issue a publisher key (replaces the previous one; shown once)",
+)
+def issue_key(publisher_id: PublisherId, _admin: AdminAccess, services: ServicesDep) -> IssuedKey:
+    """Raises InvalidPublisherId (422), RetryLater (503)."""
+    validate_publisher_id(publisher_id)
+    return IssuedKey(key=services.api_keys.issue(publisher_id), publisher_id=publisher_id)
+
+
+@router.delete(
+    "/api/admin/publishers/{publisherId}/keys",
+    status_code=204,
+    response_class=Response,
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "the publisher has no key"}},
+    summary="Revoke the publisher's key",
+)
+def revoke_key(publisher_id: PublisherId, _admin: AdminAccess, services: ServicesDep) -> Response:
+    """Raises InvalidPublisherId (422), RetryLater (503)."""
+    validate_publisher_id(publisher_id)
+    if not services.api_keys.revoke(publisher_id):
+        return error_response(404, f"publisher {publisher_id} has no key")
+    return Response(status_code=204)
+
+
+@router.get(
+    "/api/deadletters",
+    response_model=DeadLettersAnswer,
+    responses=_ERRORS,
+    summary="Peek dead letters (nothing changes)",
+)
+def get_dead_letters(
+    _admin: AdminAccess,
+    services: ServicesDep,
+    queue: Annotated[
+        str | None, Query(max_length=200, description=f"one of {', '.join(STAGE_QUEUES)}")
+    ] = None,
+    reason: Annotated[str | None, Query(max_length=200, description="a DESIGN §5 reason, or Unknown")] = None,
+    publisher_id: Annotated[str | None, Query(alias="publisherId", max_length=200)] = None,
+    limit: Annotated[int, Query(ge=0, le=1000)] = 100,
+) -> DeadLettersAnswer | JSONResponse:
+    """Raises RetryLater (503)."""
+    try:
+        flt = _filter(DeadLetterSelection(queue=queue, reason=reason, publisher_id=publisher_id))
+    except _BadFilter as exc:
+        return _bad_filter(exc)
+    items = list_dead_letters(services.transport, flt, limit=limit)
+    return DeadLettersAnswer(items=[item.to_json() for item in items])
+
+
+@router.post(
+    "/api/deadletters/replay",
+    response_model=ReplayAnswer,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    summary="Replay dead letters to the queue they died on (dryRun: show the plan only)",
+)
+def replay_dead_letters(
+    body: ReplayBody, _admin: AdminAccess, services: ServicesDep
+) -> ReplayAnswer | JSONResponse:
+    """Raises RetryLater (503)."""
+    try:
+        flt = _filter(body)
+    except _BadFilter as exc:
+        return _bad_filter(exc)
+    if body.dry_run:
+        plan = plan_replay(services.transport, flt, limit=body.limit)
+        refusals = [entry.refused for entry in plan if entry.refused]
+        return ReplayAnswer(
+            matched=len(plan),
+            replayed=0,
+            refused=len(refusals),
+            refusals=refusals,
+            dry_run=True,
+            plan=[entry.to_json() for entry in plan],
+        )
+    result = replay(services.transport, flt, limit=body.limit)
+    logger.info("admin replay: matched=%d replayed=%d", result.matched, result.replayed)
+    return ReplayAnswer.model_validate(result.to_json())
+
+
+@router.post(
+    "/api/deadletters/purge",
+    response_model=PurgeAnswer,
+    responses=_ERRORS,
+    summary='Delete dead letters for good (needs "confirm": true)',
+)
+def purge_dead_letters(
+    body: PurgeBody, _admin: AdminAccess, services: ServicesDep
+) -> PurgeAnswer | JSONResponse:
+    """Raises RetryLater (503)."""
+    if body.confirm is not True:
+        return error_response(
+            422, 'confirm: a purge deletes dead letters for good; send "confirm": true', field="confirm"
+        )
+    try:
+        flt = _filter(body)
+    except _BadFilter as exc:
+        return _bad_filter(exc)
+    result = purge(services.transport, flt, confirm=True, limit=body.limit)
+    logger.info("admin purge: matched=%d purged=%d", result.matched, result.purged)
+    return PurgeAnswer.model_validate(result.to_json())
+
+
+@router.get(
+    "/api/stats",
+    response_model=StatsAnswer,
+    responses=_ERRORS,
+    summary="Per queue: active, scheduled, dead-lettered by reason; publishers failing on configuration",
+)
+def stats(_admin: AdminAccess, services: ServicesDep) -> StatsAnswer:
+    """Raises RetryLater (503)."""
+    queues = []
+    for queue in STAGE_QUEUES:
+        counts = services.transport.stats(queue)
+        queues.append(
+            QueueStatsAnswer(
+                queue=counts.queue,
+                active=counts.active,
+                scheduled=counts.scheduled,
+                dead_lettered=counts.dead_lettered,
+                dead_lettered_by_reason=dict(counts.dead_lettered_by_reason),
+            )
+        )
+    failing = [
+        FailingPublisher(
+            publisher_id=status.publisher_id,
+            consecutive_config_failures=status.consecutive_config_failures,
+            last_error=status.last_error,
+            last_error_reason=status.last_error_reason,
+            last_error_at=status.last_error_at,
+        )
+        for status in services.status.all()
+        if status.consecutive_config_failures > 0
+    ]
+    return StatsAnswer(queues=queues, publishers_failing=failing)

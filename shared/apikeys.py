@@ -1,0 +1,134 @@
+"""Publisher API keys (DESIGN §6): issued once, stored only as salted hashes, compared in constant time.
+
+A key reads ``lw_<publisher>_<key id>_<secret>``: ``<publisher>`` is the publisher's secret-name
+suffix (``secret_name_for(publisher_id, prefix="key-")`` without the prefix), so :meth:`verify` finds
+the one record to check without scanning; ``<key id>`` is 8 hex digits that name the key in logs and
+support requests without revealing it; ``<secret>`` is ``secrets.token_urlsafe(32)`` (256 random bits).
+Each publisher has at most one key: issuing replaces the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from datetime import UTC, datetime
+
+from shared.secretstore.base import (
+    CONTENT_TYPE,
+    InvalidPublisherId,
+    SecretStore,
+    publisher_id_from_secret_name,
+    secret_name_for,
+    validate_publisher_id,
+)
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "lw_"
+RECORD_PREFIX = "key-"
+#: Longer than any key we issue (a 40-character publisher id encodes to at most 120 characters).
+MAX_KEY_LENGTH = 256
+_RECORD_VERSION = 1
+
+
+def _digest(salt: bytes, key: str) -> str:
+    # A fast keyed hash is enough here: the key carries 256 random bits, so guessing it from a leaked
+    # record is infeasible at any hash speed. Slow hashes (scrypt, bcrypt) protect low-entropy human
+    # passwords, and would only add latency to every authenticated request. The whole key is hashed,
+    # publisher part included, so a key with its publisher part altered (in case, say) never verifies.
+    return hmac.new(salt, key.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class ApiKeyStore:
+    """Publisher API keys: issued once, stored only as hashes in the SecretStore (name "key-<publisher
+    secret-name suffix>" via secret_name_for(publisher_id, prefix="key-")), compared in constant time,
+    revocable."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self._store = store
+
+    def issue(self, publisher_id: str) -> str:
+        """A new key for ``publisher_id``, replacing any previous one. Shown once: only its hash is kept.
+
+        Raises InvalidPublisherId for a malformed id; the secret store's errors pass through.
+        """
+        validate_publisher_id(publisher_id)
+        name = secret_name_for(publisher_id, prefix=RECORD_PREFIX)
+        key_id = secrets.token_hex(4)
+        key = f"{KEY_PREFIX}{name[len(RECORD_PREFIX):]}_{key_id}_{secrets.token_urlsafe(32)}"
+        salt = secrets.token_bytes(16)
+        record = {
+            "v": _RECORD_VERSION,
+            "publisherId": publisher_id,
+            "keyId": key_id,
+            "salt": salt.hex(),
+            "hash": _digest(salt, key),
+            "createdAt": datetime.now(UTC).isoformat(),
+        }
+        self._store.put(
+            name,
+            json.dumps(record, separators=(",", ":")),
+            content_type=CONTENT_TYPE,
+            tags={"publisherId": publisher_id, "kind": "apiKey", "keyId": key_id},
+        )
+        logger.info("issued API key %s for publisher %s", key_id, publisher_id)
+        return key
+
+    def verify(self, key: str) -> str | None:
+        """The publisher id ``key`` belongs to, or None for any key that is not a current valid key.
+
+        Never raises for bad input; the secret store's own errors (e.g. SecretStoreUnavailable) pass
+        through, so an outage is not mistaken for a wrong key.
+        """
+        parsed = self._parse(key)
+        if parsed is None:
+            return None
+        publisher_id, name, key_id = parsed
+        value = self._store.get(name)
+        if value is None:
+            return None
+        try:
+            record = json.loads(value)
+            salt = bytes.fromhex(record["salt"])
+            expected = str(record["hash"])
+            owner = record["publisherId"]
+            stored_key_id = record["keyId"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("API key record %s is unreadable; treating it as no key", name)
+            return None
+        matches = hmac.compare_digest(_digest(salt, key).encode("ascii"), expected.encode("ascii", "replace"))
+        if not matches or owner != publisher_id or stored_key_id != key_id:
+            return None
+        return publisher_id
+
+    def revoke(self, publisher_id: str) -> bool:
+        """Remove the publisher's key; True if it had one. Raises InvalidPublisherId for a malformed id."""
+        revoked = self._store.delete(secret_name_for(publisher_id, prefix=RECORD_PREFIX))
+        if revoked:
+            logger.info("revoked the API key of publisher %s", publisher_id)
+        return revoked
+
+    @staticmethod
+    def _parse(key: object) -> tuple[str, str, str] | None:
+        """(publisher id, record name, key id) from a well-formed key, else None."""
+        if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not key.startswith(KEY_PREFIX):
+            return None
+        parts = key[len(KEY_PREFIX) :].split("_", 2)
+        if len(parts) != 3 or not all(parts):
+            return None
+        suffix, key_id, _secret = parts
+        name = RECORD_PREFIX + suffix
+        publisher_id = publisher_id_from_secret_name(name, prefix=RECORD_PREFIX)
+        if publisher_id is None:
+            return None
+        try:
+            # Only the canonical encoding names a record: Key Vault would match "key-CONTOSO" to
+            # "key-contoso" case-insensitively, and the hash check should not be the only guard.
+            if secret_name_for(publisher_id, prefix=RECORD_PREFIX) != name:
+                return None
+        except InvalidPublisherId:
+            return None
+        return publisher_id, name, key_id

@@ -1,0 +1,400 @@
+"""The Dataverse Web API client (DESIGN §4): WhoAmI, the solution check, and idempotent lead writes.
+
+Every request: the URL guard has passed, the CRM user's throttle penalty is consulted first (nothing is
+sent inside a penalty), redirects are never followed, timeouts are explicit, and a 401 on a cached token
+gets exactly one retry with a fresh token. Status codes become errors only in
+:mod:`shared.dataverse.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from shared.connection import Connection, PasswordAuth
+from shared.dataverse.auth import TokenProvider
+from shared.dataverse.batch import (
+    MAX_BATCH_OPERATIONS,
+    BatchFormatError,
+    BatchRequest,
+    BatchResponse,
+    build_batch,
+    new_boundary,
+    parse_batch,
+)
+from shared.dataverse.errors import (
+    error_from_network,
+    error_from_response,
+    is_already_there,
+    request_id_of,
+)
+from shared.errors import CrmThrottled, CrmUnavailable, LeadWriterError
+from shared.settings import Settings
+from shared.throttle import Throttle
+from shared.urlguard import check_crm_url
+
+logger = logging.getLogger(__name__)
+
+API_PATH = "/api/data/v9.2/"
+CREATE_LEAD_PRIVILEGE = "prvCreateLead"
+_CREATED = frozenset({200, 201, 204})
+_OPERATION_CREATE = "create lead"
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    """The CRM principal the token belongs to."""
+
+    user_id: str
+    business_unit_id: str
+    organization_id: str
+
+
+@dataclass(frozen=True)
+class LeadWrite:
+    """One lead to create: a deterministic id (UUIDv5 of publisherId/leadId) and its lead columns."""
+
+    record_id: uuid.UUID
+    columns: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Outcome of one lead write. ``created`` is False when it already existed (delivered before)."""
+
+    record_id: uuid.UUID
+    created: bool
+    error: LeadWriterError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class DataverseClient:
+    """One publisher's CRM, through one connection.
+
+    ``request_count`` counts the HTTP requests sent to the CRM (a ``$batch`` counts one).
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        settings: Settings,
+        *,
+        tokens: TokenProvider,
+        throttle: Throttle | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        """Raises UnsafeCrmUrl when the connection's URL is not an allowed CRM host."""
+        self._origin = check_crm_url(connection.url, settings.crm_allowed_hosts)
+        self._connection = connection
+        self._tokens = tokens
+        self._throttle = throttle
+        self._session = session or requests.Session()
+        self._timeout = (settings.crm_connect_timeout, settings.crm_read_timeout)
+        self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
+        auth = connection.auth
+        principal = auth.username if isinstance(auth, PasswordAuth) else auth.client_id
+        self._throttle_key = f"{self._origin}|{principal.lower()}"
+        self._count_lock = threading.Lock()
+        self.request_count = 0
+
+    @property
+    def origin(self) -> str:
+        """The CRM's normalised origin, e.g. ``https://contoso.crm4.dynamics.com``."""
+        return self._origin
+
+    @property
+    def throttle_key(self) -> str:
+        """The key of this CRM user's service-protection penalty: ``<origin>|<principal>``."""
+        return self._throttle_key
+
+    def whoami(self) -> WhoAmI:
+        """The principal behind the connection.
+
+        Raises CredentialsRejected / AuthorityUnavailable (token), PermissionDenied (401/403, redirect),
+        CrmThrottled, CrmUnavailable (network, 5xx, unexpected answer).
+        """
+        operation = "WhoAmI"
+        response = self._request("GET", "WhoAmI", operation=operation)
+        if response.status_code != 200:
+            raise _failure(response, operation)
+        data = self._json(response, operation)
+        try:
+            return WhoAmI(str(data["UserId"]), str(data["BusinessUnitId"]), str(data["OrganizationId"]))
+        except (KeyError, TypeError) as exc:
+            raise self._unexpected(response, operation) from exc
+
+    def solution_version(self, unique_name: str) -> str | None:
+        """The installed version of the solution ``unique_name``, or None when it is not installed.
+
+        Raises like :meth:`whoami`.
+        """
+        operation = "solution query"
+        literal = unique_name.replace("'", "''")
+        query = quote(f"uniquename eq '{literal}'", safe="'")
+        response = self._request(
+            "GET", f"solutions?$filter={query}&$select=uniquename,version", operation=operation
+        )
+        if response.status_code != 200:
+            raise _failure(response, operation)
+        data = self._json(response, operation)
+        rows = data.get("value") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise self._unexpected(response, operation)
+        for row in rows:
+            if isinstance(row, dict) and str(row.get("uniquename", "")).lower() == unique_name.lower():
+                version = row.get("version")
+                return str(version) if version else None
+        return None
+
+    def can_create_leads(self, user_id: str) -> bool:
+        """Whether the user's privileges (RetrieveUserPrivileges) include ``prvCreateLead``.
+
+        A 403 on the question itself means no. Raises ValueError for a user id that is not a GUID;
+        otherwise raises like :meth:`whoami`.
+        """
+        operation = "RetrieveUserPrivileges"
+        user = uuid.UUID(user_id)
+        response = self._request(
+            "GET", f"systemusers({user})/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()", operation=operation
+        )
+        if response.status_code == 403:
+            return False
+        if response.status_code != 200:
+            raise _failure(response, operation)
+        data = self._json(response, operation)
+        privileges = data.get("RolePrivileges") if isinstance(data, dict) else None
+        if not isinstance(privileges, list):
+            raise self._unexpected(response, operation)
+        return any(
+            isinstance(p, dict) and str(p.get("PrivilegeName", "")).lower() == CREATE_LEAD_PRIVILEGE.lower()
+            for p in privileges
+        )
+
+    def create_lead(self, lead: LeadWrite) -> WriteResult:
+        """Create the lead unless a record with its id exists (``PATCH`` + ``If-None-Match: *``).
+
+        Returns ``created=True`` on 204, ``created=False`` when it already existed (412 or duplicate
+        key: delivered before). Raises LeadRejected (400/404), PermissionDenied, CrmThrottled,
+        CrmUnavailable, CredentialsRejected or AuthorityUnavailable.
+        """
+        response = self._request(
+            "PATCH",
+            f"leads({lead.record_id})",
+            operation=_OPERATION_CREATE,
+            body=_json_body(lead.columns),
+            headers={"If-None-Match": "*"},
+        )
+        if response.status_code in _CREATED:
+            return WriteResult(lead.record_id, created=True)
+        if is_already_there(response.status_code, response.content):
+            return WriteResult(lead.record_id, created=False)
+        raise error_from_response(
+            response.status_code, response.headers, response.content, operation=_OPERATION_CREATE, write=True
+        )
+
+    def create_leads(self, leads: Sequence[LeadWrite]) -> list[WriteResult]:
+        """Create many leads in one ``$batch``, each in its own part; results in input order.
+
+        Each lead's own failure is in its result's ``error`` (the others are still written). A failure
+        of the whole batch raises like :meth:`create_lead`. Raises ValueError for more than 1000 leads.
+        """
+        if len(leads) > MAX_BATCH_OPERATIONS:
+            raise ValueError(f"a $batch holds at most {MAX_BATCH_OPERATIONS} operations, got {len(leads)}")
+        if not leads:
+            return []
+        operation = f"$batch of {len(leads)} leads"
+        boundary = new_boundary()
+        body = build_batch(
+            [
+                BatchRequest(
+                    "PATCH",
+                    f"{self._origin}{API_PATH}leads({lead.record_id})",
+                    {"Content-Type": "application/json", "If-None-Match": "*"},
+                    _json_body(lead.columns),
+                )
+                for lead in leads
+            ],
+            boundary,
+        )
+        response = self._request(
+            "POST",
+            "$batch",
+            operation=operation,
+            body=body,
+            headers={
+                "Content-Type": f"multipart/mixed; boundary={boundary}",
+                "Prefer": "odata.continue-on-error",
+            },
+        )
+        if response.status_code != 200:
+            raise error_from_response(
+                response.status_code, response.headers, response.content, operation=operation, write=True
+            )
+        try:
+            parts = parse_batch(response.headers.get("Content-Type", ""), response.content)
+        except BatchFormatError as exc:
+            raise CrmUnavailable(
+                f"the CRM answered the {operation} with an unreadable body ({exc})",
+                status=response.status_code,
+                request_id=request_id_of(response.headers),
+            ) from exc
+        if len(parts) > len(leads):
+            logger.warning("the CRM answered %d parts for a $batch of %d leads", len(parts), len(leads))
+        results = [
+            self._part_result(lead, parts[index] if index < len(parts) else None)
+            for index, lead in enumerate(leads)
+        ]
+        throttled = [r.error.retry_after or 0.0 for r in results if isinstance(r.error, CrmThrottled)]
+        if throttled and self._throttle is not None:
+            self._throttle.penalise(self._throttle_key, max(throttled))
+        return results
+
+    def _part_result(self, lead: LeadWrite, part: BatchResponse | None) -> WriteResult:
+        if part is None:
+            # Only without continue-on-error would the CRM stop early; treat the rest as not attempted.
+            return WriteResult(
+                lead.record_id,
+                created=False,
+                error=CrmUnavailable("the CRM did not answer this lead's part of the $batch"),
+            )
+        if part.status in _CREATED:
+            return WriteResult(lead.record_id, created=True)
+        if is_already_there(part.status, part.body):
+            return WriteResult(lead.record_id, created=False)
+        error = error_from_response(
+            part.status, part.headers, part.body, operation=_OPERATION_CREATE, write=True
+        )
+        return WriteResult(lead.record_id, created=False, error=error)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        """Send one authorised request; returns the response for any status but 3xx, 401 and 429.
+
+        Raises CrmThrottled without sending while the CRM user is penalised, PermissionDenied on a
+        redirect or a second 401, CrmThrottled on 429 (after recording the penalty), CrmUnavailable
+        on network failures, and the token provider's errors.
+        """
+        response: requests.Response | None = None
+        for attempt in (1, 2):
+            self._check_penalty(operation)
+            token = self._tokens.token(self._connection)
+            response = self._send(method, path, token, body=body, headers=headers, operation=operation)
+            if response.status_code == 401 and attempt == 1:
+                # The cached token may have been revoked or the user re-created: one fresh token, once.
+                logger.debug("401 from %s on %s; retrying once with a fresh token", self._origin, operation)
+                self._tokens.invalidate(self._connection)
+                continue
+            break
+        assert response is not None
+        status = response.status_code
+        if status == 429 or status == 401 or 300 <= status < 400:
+            error = error_from_response(status, response.headers, response.content, operation=operation)
+            if isinstance(error, CrmThrottled) and self._throttle is not None:
+                self._throttle.penalise(self._throttle_key, error.retry_after or 0.0)
+            raise error
+        return response
+
+    def _check_penalty(self, operation: str) -> None:
+        if self._throttle is None:
+            return
+        remaining = self._throttle.remaining(self._throttle_key)
+        if remaining > 0:
+            raise CrmThrottled(
+                f"{operation} not sent: the CRM user is in a service protection penalty "
+                f"for {remaining:.1f} s",
+                retry_after=remaining,
+            )
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        *,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        operation: str,
+    ) -> requests.Response:
+        all_headers = {
+            "Accept": "application/json",
+            "OData-MaxVersion": "4.0",
+            "OData-Version": "4.0",
+            "Authorization": f"Bearer {token}",
+        }
+        if body is not None:
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        with self._count_lock:
+            self.request_count += 1
+        log_path = path.split("?", 1)[0]
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method,
+                f"{self._origin}{API_PATH}{path}",
+                headers=all_headers,
+                data=body,
+                timeout=self._timeout,
+                verify=self._verify,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            logger.debug(
+                "%s %s%s failed after %.0f ms: %s",
+                method,
+                API_PATH,
+                log_path,
+                (time.monotonic() - started) * 1000,
+                type(exc).__name__,
+            )
+            raise error_from_network(exc, operation=operation) from exc
+        logger.debug(
+            "%s %s%s -> %d in %.0f ms (request id %s)",
+            method,
+            API_PATH,
+            log_path,
+            response.status_code,
+            (time.monotonic() - started) * 1000,
+            request_id_of(response.headers) or "-",
+        )
+        return response
+
+    def _json(self, response: requests.Response, operation: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise self._unexpected(response, operation) from exc
+
+    def _unexpected(self, response: requests.Response, operation: str) -> CrmUnavailable:
+        return CrmUnavailable(
+            f"the CRM answered {operation} with an unexpected body",
+            status=response.status_code,
+            request_id=request_id_of(response.headers),
+        )
+
+
+def _json_body(columns: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(columns), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _failure(response: requests.Response, operation: str) -> LeadWriterError:
+    return error_from_response(response.status_code, response.headers, response.content, operation=operation)

@@ -1,0 +1,252 @@
+"""The embedded runtime: the three stage workers on any Transport, the same stage code as Azure.
+
+Each :class:`StageWorker` pulls from its queue into per-publisher backlogs and runs the stage on a
+thread pool, with at most ``publisher_concurrency`` messages of one publisher in flight (below
+Dataverse's 52 concurrent requests per user). A publisher whose CRM hangs or throttles therefore
+occupies at most its own slots: other publishers' messages are received and dispatched around it
+(no head-of-line blocking). When one publisher's backlog is full, further messages of it are deferred
+through the normal retry schedule (a rescheduled copy), so a flood from one publisher cannot fill
+the worker either.
+
+The write stage takes a publisher's whole backlog (up to ``MAX_BATCH``) as one ``$batch`` when there
+is one: single requests at low volume, batches under load.
+
+Locks of held and in-flight messages are renewed; on shutdown in-flight messages finish and held
+ones are abandoned (delivered again at once) — never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from shared.names import PROP_PUBLISHER_ID
+from shared.settle import Observer, settle
+from shared.stages import MAX_BATCH, STAGES, Outcome, Pipeline, Retry
+from shared.transport.base import LockLost, ReceivedMessage, Transport
+
+logger = logging.getLogger(__name__)
+
+RECEIVE_WAIT = 0.25
+#: Renew a lock when less than this many seconds of it are left.
+RENEW_MARGIN = 20.0
+
+
+@dataclass
+class _PublisherState:
+    backlog: deque[tuple[ReceivedMessage, float]] = field(default_factory=deque)
+    in_flight: int = 0
+
+
+class StageWorker:
+    """Runs one stage over its queue until :meth:`stop`."""
+
+    def __init__(
+        self,
+        stage: str,
+        transport: Transport,
+        pipeline: Pipeline,
+        *,
+        concurrency: int = 16,
+        publisher_concurrency: int = 8,
+        observer: Observer | None = None,
+    ) -> None:
+        self.stage = stage
+        self.queue = STAGES[stage]
+        self.transport = transport
+        self.pipeline = pipeline
+        self.concurrency = concurrency
+        self.publisher_concurrency = min(publisher_concurrency, concurrency)
+        #: Messages held (backlog + in flight) at most, and per publisher at most.
+        self.capacity = concurrency * 4
+        self.publisher_capacity = max(self.capacity // 2, self.publisher_concurrency)
+        self.observer = observer
+        self.batching = stage == "write_lead"
+        self._publishers: dict[str, _PublisherState] = {}
+        self._held = 0
+        self._busy = 0
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"lw-{stage}")
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> StageWorker:
+        self._thread = threading.Thread(target=self.run, name=f"lw-{self.stage}-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop receiving, let in-flight messages finish, release the rest."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._receive()
+                self._dispatch()
+                self._renew_locks()
+            except Exception:  # noqa: BLE001 - a worker loop must outlive a broker hiccup
+                logger.exception("stage %s: receive loop failed; retrying in a second", self.stage)
+                self._stop.wait(1.0)
+        self._drain()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        with self._lock:
+            free = self.capacity - self._held
+            idle = self._busy == 0 and self._held == 0
+        if free <= 0:
+            with self._lock:
+                self._lock.wait(RECEIVE_WAIT)
+            return
+        messages = self.transport.receive(self.queue, max_messages=min(free, 100), max_wait=RECEIVE_WAIT if idle else 0.0)
+        if not messages:
+            if not idle:
+                with self._lock:
+                    self._lock.wait(0.02)
+            return
+        now = time.monotonic()
+        deferred: list[ReceivedMessage] = []
+        with self._lock:
+            for message in messages:
+                publisher = str(message.application_properties.get(PROP_PUBLISHER_ID, ""))
+                state = self._publishers.setdefault(publisher, _PublisherState())
+                if len(state.backlog) + state.in_flight >= self.publisher_capacity:
+                    deferred.append(message)
+                    continue
+                state.backlog.append((message, now))
+                self._held += 1
+        for message in deferred:
+            self._run_outcome(message, Retry("publisher backlog full: deferred"), now)
+
+    def _dispatch(self) -> None:
+        with self._lock:
+            for state in self._publishers.values():
+                while state.backlog and state.in_flight < self.publisher_concurrency and self._busy < self.concurrency:
+                    take = min(len(state.backlog), MAX_BATCH) if self.batching else 1
+                    batch = [state.backlog.popleft() for _ in range(take)]
+                    state.in_flight += 1
+                    self._busy += 1
+                    self._pool.submit(self._work, state, batch)
+
+    def _work(self, state: _PublisherState, batch: list[tuple[ReceivedMessage, float]]) -> None:
+        try:
+            messages = [m for m, _ in batch]
+            if len(messages) == 1:
+                outcomes: list[Outcome] = [self.pipeline.handle(self.stage, messages[0])]
+            else:
+                outcomes = self.pipeline.write_leads(messages)
+            for (message, started), outcome in zip(batch, outcomes, strict=True):
+                self._run_outcome(message, outcome, started)
+        finally:
+            with self._lock:
+                state.in_flight -= 1
+                self._busy -= 1
+                self._held -= len(batch)
+                self._lock.notify_all()
+
+    def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:
+        try:
+            settle(
+                self.stage,
+                message,
+                outcome,
+                sender=self.transport,
+                settler=self.transport,
+                started=started,
+                observer=self.observer,
+                schedule=self.pipeline.settings.retry_schedule,
+            )
+        except LockLost:
+            logger.warning("stage %s: lock lost on message %s; it will be redelivered", self.stage, message.message_id)
+        except Exception:  # noqa: BLE001 - the message stays locked and comes back; the worker goes on
+            logger.exception("stage %s: settling message %s failed; it will be redelivered", self.stage, message.message_id)
+
+    def _renew_locks(self) -> None:
+        threshold = datetime.now(UTC) + timedelta(seconds=RENEW_MARGIN)
+        with self._lock:
+            held = [m for state in self._publishers.values() for m, _ in state.backlog]
+        for message in held:
+            if message.locked_until is not None and message.locked_until < threshold:
+                try:
+                    self.transport.renew_lock(message)
+                except LockLost:
+                    logger.warning("stage %s: could not renew the lock of %s", self.stage, message.message_id)
+
+    def _drain(self) -> None:
+        with self._lock:
+            held = [m for state in self._publishers.values() for m, _ in state.backlog]
+            for state in self._publishers.values():
+                state.backlog.clear()
+        for message in held:
+            try:
+                self.transport.abandon(message)
+            except LockLost:
+                pass
+        self._pool.shutdown(wait=True)
+
+
+class EmbeddedRuntime:
+    """The three stage workers over one transport and one pipeline."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        pipeline: Pipeline,
+        *,
+        concurrency: int = 16,
+        publisher_concurrency: int = 8,
+        observer: Observer | None = None,
+        stages: tuple[str, ...] = tuple(STAGES),
+    ) -> None:
+        self.workers = [
+            StageWorker(
+                stage,
+                transport,
+                pipeline,
+                concurrency=concurrency,
+                publisher_concurrency=publisher_concurrency,
+                observer=observer,
+            )
+            for stage in stages
+        ]
+
+    def start(self) -> EmbeddedRuntime:
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        for worker in self.workers:
+            worker._stop.set()
+        for worker in self.workers:
+            worker.stop(timeout)
+
+    def __enter__(self) -> EmbeddedRuntime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; True if it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

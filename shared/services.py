@@ -1,0 +1,48 @@
+"""The services one process uses, built once from settings: the composition root below the entry points.
+
+``leadwriter serve``, the Azure Functions adapters, the CLI and the tests all build a :class:`Services`
+and hand its parts to the API, the stage workers and the ops tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.apikeys import ApiKeyStore
+from shared.secretstore import make_secret_store
+from shared.secretstore.base import ConnectionStore, SecretStore
+from shared.settings import Settings
+from shared.stages import Pipeline
+from shared.status import StatusBook
+from shared.transport import make_transport
+from shared.transport.base import Transport
+
+
+@dataclass
+class Services:
+    settings: Settings
+    transport: Transport
+    secrets: SecretStore
+    connections: ConnectionStore
+    api_keys: ApiKeyStore
+    pipeline: Pipeline
+    status: StatusBook
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        """Build every service the settings select. Raises ConfigurationError for a bad setting."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secrets = make_secret_store(settings)
+        connections = ConnectionStore(secrets)
+        return cls(
+            settings=settings,
+            transport=make_transport(settings),
+            secrets=secrets,
+            connections=connections,
+            api_keys=ApiKeyStore(secrets),
+            pipeline=Pipeline(settings, connections),
+            status=StatusBook(settings.data_dir / "status.db"),
+        )
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,126 @@
+"""Fault injection for one simulated org: what the next CRM (or token) requests suffer.
+
+Faults queue in the order they were asked for: ``fail_next(1); throttle_next(1)`` makes the next
+request fail and the one after it be throttled. Token-endpoint faults have their own queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+FaultKind = Literal["fail", "hang", "reset", "throttle", "redirect"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: its kind and the status (fail), seconds (hang, throttle) or location (redirect)."""
+
+    kind: FaultKind
+    status: int = 503
+    seconds: float = 0.0
+    location: str = ""
+
+
+class Faults:
+    """Thread-safe, mutable fault settings of one org's CRM (and its tenant's token endpoint)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latency = 0.0
+        self._queue: deque[Fault] = deque()
+        self._token: deque[int] = deque()
+
+    @property
+    def latency(self) -> float:
+        """Seconds added to every CRM request (on top of the org's configured latency)."""
+        with self._lock:
+            return self._latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("latency must not be negative")
+        with self._lock:
+            self._latency = float(seconds)
+
+    def _add(self, n: int, fault: Fault) -> None:
+        if n < 0:
+            raise ValueError("n must not be negative")
+        with self._lock:
+            self._queue.extend([fault] * n)
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        """Answer the next ``n`` CRM requests with ``status`` and a Dataverse-style error body.
+
+        Raises ValueError for a status that is not 4xx/5xx.
+        """
+        if not 400 <= status <= 599:
+            raise ValueError("fail_next needs an error status (4xx or 5xx)")
+        self._add(n, Fault("fail", status=status))
+
+    def hang_next(self, n: int, seconds: float) -> None:
+        """Stall the next ``n`` CRM requests for ``seconds`` before handling them (the client times out,
+        but the request is still carried out afterwards, as a slow real server would)."""
+        self._add(n, Fault("hang", seconds=float(seconds)))
+
+    def reset_next(self, n: int) -> None:
+        """Drop the next ``n`` CRM connections with a TCP reset and no answer."""
+        self._add(n, Fault("reset"))
+
+    def throttle_next(self, n: int, retry_after: float = 5) -> None:
+        """Answer the next ``n`` CRM requests 429 with ``Retry-After`` and start that user's penalty.
+
+        The header carries ``retry_after`` rounded up to whole seconds (at least 1); the penalty itself
+        lasts exactly ``retry_after`` seconds, so tests may use fractions.
+        """
+        if retry_after <= 0:
+            raise ValueError("retry_after must be positive")
+        self._add(n, Fault("throttle", seconds=float(retry_after)))
+
+    def redirect_next(self, n: int, location: str) -> None:
+        """Answer the next ``n`` CRM requests ``302 Found`` with ``Location: location``."""
+        self._add(n, Fault("redirect", location=location))
+
+    def token_fail_next(self, n: int, status: int = 503) -> None:
+        """Fail the next ``n`` token requests for this org's tenant with ``status``."""
+        if not 400 <= status <= 599:
+            raise ValueError("token_fail_next needs an error status (4xx or 5xx)")
+        if n < 0:
+            raise ValueError("n must not be negative")
+        with self._lock:
+            self._token.extend([status] * n)
+
+    def clear(self) -> None:
+        """Drop every pending fault and the added latency."""
+        with self._lock:
+            self._latency = 0.0
+            self._queue.clear()
+            self._token.clear()
+
+    def take(self, *, authenticated: bool = True) -> Fault | None:
+        """The fault for the request that just arrived, if any (consumes it).
+
+        A throttle needs a user to penalise, so an unauthenticated request leaves it queued.
+        """
+        with self._lock:
+            if not self._queue or (not authenticated and self._queue[0].kind == "throttle"):
+                return None
+            return self._queue.popleft()
+
+    def take_token_failure(self) -> int | None:
+        """The status the token request that just arrived must fail with, if any (consumes it)."""
+        with self._lock:
+            return self._token.popleft() if self._token else None
+
+    def pending(self) -> dict[str, int]:
+        """How many faults of each kind are still queued (for the admin API)."""
+        with self._lock:
+            counts: dict[str, int] = {}
+            for fault in self._queue:
+                counts[fault.kind] = counts.get(fault.kind, 0) + 1
+            if self._token:
+                counts["token_fail"] = len(self._token)
+            return counts

@@ -1,0 +1,70 @@
+"""Queue transports (STYLE habit 8): the :class:`Transport` port and its two adapters.
+
+``EmbeddedBroker`` (SQLite) is imported eagerly; ``ServiceBusTransport`` lazily, because importing
+azure-servicebus costs a quarter of a second that the embedded default never needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.settings import Settings
+from shared.transport.base import (
+    LockLost,
+    OutgoingMessage,
+    PropertyValue,
+    QueueStats,
+    ReceivedMessage,
+    Transport,
+)
+from shared.transport.embedded import EmbeddedBroker
+
+if TYPE_CHECKING:
+    from shared.transport.servicebus import ServiceBusTransport
+
+__all__ = [
+    "EmbeddedBroker",
+    "LockLost",
+    "OutgoingMessage",
+    "PropertyValue",
+    "QueueStats",
+    "ReceivedMessage",
+    "ServiceBusTransport",
+    "Transport",
+    "make_transport",
+]
+
+#: File name of the embedded broker's database inside the data dir.
+BROKER_FILE = "broker.db"
+
+
+def __getattr__(name: str) -> object:
+    if name == "ServiceBusTransport":
+        from shared.transport.servicebus import ServiceBusTransport
+
+        return ServiceBusTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_transport(settings: Settings) -> Transport:
+    """Build the transport ``settings.queue_backend`` names.
+
+    ``embedded``: an :class:`EmbeddedBroker` on ``<data_dir>/broker.db`` (the directory is created).
+    ``servicebus``: a :class:`ServiceBusTransport` on ``settings.servicebus_namespace`` with
+    ``DefaultAzureCredential`` (managed identity in Azure). Raises ConfigurationError when the
+    namespace is missing, OSError when the data dir cannot be created.
+    """
+    if settings.queue_backend == "servicebus":
+        from azure.identity import DefaultAzureCredential
+
+        from shared.errors import ConfigurationError
+        from shared.transport.servicebus import ServiceBusTransport
+
+        if not settings.servicebus_namespace:
+            raise ConfigurationError(
+                "setting ServiceBusConnection__fullyQualifiedNamespace is required "
+                "when LEADWRITER_QUEUE_BACKEND=servicebus"
+            )
+        return ServiceBusTransport(settings.servicebus_namespace, DefaultAzureCredential())
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return EmbeddedBroker(settings.data_dir / BROKER_FILE)

@@ -1,0 +1,439 @@
+"""The Service Bus adapter of the :class:`~shared.transport.base.Transport` port (azure-servicebus, sync).
+
+One :class:`ServiceBusClient` per namespace (identity-based: a ``TokenCredential``, no connection
+strings), one cached sender per queue, and per queue a small pool of ``PEEK_LOCK`` receivers for the
+queue and for its dead-letter sub-queue. The sync SDK's senders and receivers are not thread-safe,
+so every call on one holds that handler's lock. A message must be settled through the receiver it
+came from: the SDK message travels in ``ReceivedMessage.raw`` and the adapter remembers which pooled
+receiver delivered it. A receive takes a pooled receiver that holds no unsettled lock (or opens a
+new one), so a settlement never queues behind another thread's long ``max_wait``.
+
+What was verified, and how: no Service Bus namespace is reachable where this was written. The tests
+(tests/test_servicebus_adapter.py) check, with the SDK's own types, the conversion of our
+OutgoingMessage into ``ServiceBusMessage`` (id, body, properties, content type, scheduled time, TTL),
+an AMQP wire round trip back into ``ServiceBusReceivedMessage`` (bytes property keys and values),
+received-message conversion (delivery count, sequence number, lock token from the delivery tag,
+locked-until, dead-letter reason and description), and — with a fake client, sender and receiver
+at the ``client=`` seam — that sends batch, that settlement, dead-lettering, lock renewal, peeks and
+dead-letter receives reach the right receiver with the right arguments, and that the SDK's
+lock-lost errors become :class:`LockLost`. The Transport contract suite cannot run against a real
+namespace here (it is skipped with that reason); nothing about service-side behaviour (duplicate
+detection, TTL, max delivery count, scheduling) was exercised against Service Bus itself — those are
+the namespace's and queue's configuration (infra/), not this adapter's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from azure.servicebus import (
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiveMode,
+    ServiceBusSubQueue,
+)
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    MessageSizeExceededError,
+    ServiceBusError,
+)
+from azure.servicebus.management import ServiceBusAdministrationClient
+
+from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.servicebus import ServiceBusReceiver, ServiceBusSender
+
+logger = logging.getLogger(__name__)
+
+#: Service Bus has no non-blocking receive: a shorter ``max_wait`` would often return nothing even
+#: with messages waiting, because the link credit round trip to the namespace does not fit.
+MIN_RECEIVE_WAIT = 1.0
+#: How many dead letters ``stats`` peeks to group them by reason (the counts themselves are exact).
+DEAD_LETTER_SCAN_LIMIT = 300
+_PEEK_PAGE = 100
+
+#: Application properties Service Bus adds to a dead letter; ReceivedMessage carries them as fields.
+_DEAD_LETTER_PROPERTIES = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
+
+
+# -- conversions (pure; tested with the SDK's own message types) -----------------------------------
+
+
+def to_service_bus_message(message: OutgoingMessage) -> ServiceBusMessage:
+    """Our OutgoingMessage as the SDK's ServiceBusMessage (a naive scheduled time is taken as UTC)."""
+    scheduled = message.scheduled_enqueue_time
+    if scheduled is not None and scheduled.tzinfo is None:
+        scheduled = scheduled.replace(tzinfo=UTC)
+    # The SDK types its keys as str | bytes; a dict is invariant, so build it with that type.
+    properties: dict[str | bytes, Any] = {key: value for key, value in message.application_properties.items()}
+    return ServiceBusMessage(
+        message.body,
+        message_id=message.message_id,
+        application_properties=properties,
+        content_type=message.content_type,
+        scheduled_enqueue_time_utc=scheduled,
+        time_to_live=timedelta(seconds=message.time_to_live) if message.time_to_live is not None else None,
+    )
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _property_value(value: object) -> PropertyValue:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, str | int | float | bool):
+        return value
+    # UUIDs, datetimes and the like: their text is what a stage can use.
+    return str(value)
+
+
+def decode_properties(properties: Mapping[Any, Any] | None) -> dict[str, PropertyValue]:
+    """Application properties with bytes keys and values decoded (as received over AMQP).
+
+    Service Bus's own dead-letter properties are left out: ReceivedMessage carries them as fields.
+    """
+    decoded: dict[str, PropertyValue] = {}
+    for key, value in (properties or {}).items():
+        name = _text(key)
+        if name not in _DEAD_LETTER_PROPERTIES and value is not None:
+            decoded[name] = _property_value(value)
+    return decoded
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if isinstance(body, Iterable) and not isinstance(body, Mapping):
+        # A data body comes as a generator of sections; anything else is not ours to reinterpret.
+        parts = list(body)
+        if all(isinstance(part, bytes | bytearray) for part in parts):
+            return b"".join(parts)
+        return str(parts).encode("utf-8")
+    return str(body).encode("utf-8")
+
+
+def from_service_bus_message(
+    message: ServiceBusReceivedMessage, queue: str, *, from_dead_letter: bool, peeked: bool
+) -> ReceivedMessage:
+    """The SDK's received (or peeked) message as our ReceivedMessage; the SDK message goes into ``raw``."""
+    lock_token = None if peeked or message.lock_token is None else str(message.lock_token)
+    return ReceivedMessage(
+        queue=queue,
+        body=_body(message),
+        message_id=_text(message.message_id) if message.message_id is not None else "",
+        application_properties=decode_properties(message.application_properties),
+        content_type=message.content_type,
+        delivery_count=message.delivery_count or 0,
+        enqueued_time=message.enqueued_time_utc or datetime.now(UTC),
+        sequence_number=message.sequence_number or 0,
+        lock_token=lock_token,
+        locked_until=None if lock_token is None else message.locked_until_utc,
+        dead_letter_reason=message.dead_letter_reason,
+        dead_letter_description=message.dead_letter_error_description,
+        from_dead_letter=from_dead_letter,
+        raw=message,
+    )
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+class _PooledReceiver:
+    """One SDK receiver, the lock that serialises calls on it, and the locks it holds for callers."""
+
+    def __init__(self, handler: ServiceBusReceiver) -> None:
+        self.handler = handler
+        self.lock = threading.Lock()
+        #: lock token → locked until, for the messages this receiver delivered and nobody settled yet.
+        self.held: dict[str, datetime] = {}
+
+    def holds_locks(self, now: datetime) -> bool:
+        # A message nobody settles stops counting once its lock has expired anyway.
+        self.held = {key: until for key, until in self.held.items() if until > now}
+        return bool(self.held)
+
+
+class ServiceBusTransport:
+    """The Transport port on an Azure Service Bus namespace.
+
+    ``client`` and ``admin_client`` may be injected (tests, custom retry or transport options);
+    otherwise they are built from the namespace and credential. Settlement errors for a lost or
+    settled lock raise :class:`LockLost`; any other SDK failure propagates as
+    ``azure.servicebus.exceptions.ServiceBusError`` (transient: the caller retries later).
+    """
+
+    def __init__(
+        self,
+        fully_qualified_namespace: str,
+        credential: TokenCredential,
+        *,
+        client: ServiceBusClient | None = None,
+        admin_client: ServiceBusAdministrationClient | None = None,
+        dead_letter_scan_limit: int = DEAD_LETTER_SCAN_LIMIT,
+    ) -> None:
+        self.fully_qualified_namespace = fully_qualified_namespace
+        self._credential = credential
+        if client is None:
+            client = ServiceBusClient(fully_qualified_namespace, credential)
+        self._client = client
+        self._admin = admin_client
+        self._scan_limit = dead_letter_scan_limit
+        self._lock = threading.Lock()
+        self._senders: dict[str, tuple[ServiceBusSender, threading.Lock]] = {}
+        self._pools: dict[tuple[str, bool], list[_PooledReceiver]] = {}
+        self._owners: weakref.WeakKeyDictionary[ServiceBusReceivedMessage, _PooledReceiver] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"ServiceBusTransport({self.fully_qualified_namespace!r})"
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _sender(self, queue: str) -> tuple[ServiceBusSender, threading.Lock]:
+        with self._lock:
+            entry = self._senders.get(queue)
+            if entry is None:
+                entry = (self._client.get_queue_sender(queue), threading.Lock())
+                self._senders[queue] = entry
+            return entry
+
+    def send(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        """Send messages as one batch (atomic on Service Bus) or, beyond the batch size, several.
+
+        Raises ServiceBusError when the namespace refuses or cannot be reached, and
+        MessageSizeExceededError for a single message larger than a batch can hold.
+        """
+        if not messages:
+            return
+        converted = [to_service_bus_message(message) for message in messages]
+        sender, lock = self._sender(queue)
+        with lock:
+            if len(converted) == 1:
+                sender.send_messages(converted[0])
+                return
+            batch = sender.create_message_batch()
+            for message in converted:
+                try:
+                    batch.add_message(message)
+                except MessageSizeExceededError:
+                    if len(batch) == 0:
+                        raise
+                    # The batch is full: what was added goes now, atomically; the rest follows.
+                    sender.send_messages(batch)
+                    batch = sender.create_message_batch()
+                    batch.add_message(message)
+            sender.send_messages(batch)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _checkout(self, queue: str, dead_letter: bool) -> _PooledReceiver:
+        """A pooled receiver, returned with its lock held; the caller releases it."""
+        now = datetime.now(UTC)
+        with self._lock:
+            pool = self._pools.setdefault((queue, dead_letter), [])
+            for receiver in pool:
+                if not receiver.holds_locks(now) and receiver.lock.acquire(blocking=False):
+                    return receiver
+            handler = self._client.get_queue_receiver(
+                queue,
+                sub_queue=ServiceBusSubQueue.DEAD_LETTER if dead_letter else None,
+                receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+            )
+            receiver = _PooledReceiver(handler)
+            receiver.lock.acquire()
+            pool.append(receiver)
+            logger.debug("opened receiver %d for %s (dead letters: %s)", len(pool), queue, dead_letter)
+            return receiver
+
+    def _receive(
+        self, queue: str, dead_letter: bool, max_messages: int, max_wait: float
+    ) -> list[ReceivedMessage]:
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        receiver = self._checkout(queue, dead_letter)
+        try:
+            received = receiver.handler.receive_messages(
+                max_message_count=max_messages, max_wait_time=max(max_wait, MIN_RECEIVE_WAIT)
+            )
+            converted = [
+                from_service_bus_message(message, queue, from_dead_letter=dead_letter, peeked=False)
+                for message in received
+            ]
+            far_future = datetime.max.replace(tzinfo=UTC)
+            for message in converted:
+                if message.lock_token is not None:
+                    receiver.held[message.lock_token] = message.locked_until or far_future
+        finally:
+            receiver.lock.release()
+        with self._lock:
+            for delivered in received:
+                self._owners[delivered] = receiver
+        return converted
+
+    def receive(self, queue: str, max_messages: int = 1, max_wait: float = 0.0) -> list[ReceivedMessage]:
+        """Peek-lock up to ``max_messages`` messages, waiting up to ``max_wait`` (at least 1 s) for one.
+
+        Raises ValueError when ``max_messages`` < 1, ServiceBusError on a service failure.
+        """
+        return self._receive(queue, False, max_messages, max_wait)
+
+    def receive_dead_letters(
+        self, queue: str, max_messages: int = 100, max_wait: float = 0.0
+    ) -> list[ReceivedMessage]:
+        """Peek-lock dead letters from the queue's dead-letter sub-queue.
+
+        Raises ValueError when ``max_messages`` < 1, ServiceBusError on a service failure.
+        """
+        return self._receive(queue, True, max_messages, max_wait)
+
+    # -- settling --------------------------------------------------------------------------------
+
+    def _owner(self, message: ReceivedMessage) -> tuple[_PooledReceiver, ServiceBusReceivedMessage, str]:
+        raw = message.raw
+        if message.lock_token is None or not isinstance(raw, ServiceBusReceivedMessage):
+            raise ValueError("a peeked message holds no lock and cannot be settled")
+        with self._lock:
+            receiver = self._owners.get(raw)
+        if receiver is None:
+            raise ValueError("the message was not received through this transport")
+        return receiver, raw, message.lock_token
+
+    def _settle(
+        self,
+        message: ReceivedMessage,
+        action: Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], object],
+        *,
+        renews: bool = False,
+    ) -> None:
+        receiver, raw, token = self._owner(message)
+        with receiver.lock:
+            try:
+                result = action(receiver.handler, raw)
+            except (MessageLockLostError, MessageAlreadySettled) as exc:
+                receiver.held.pop(token, None)
+                raise LockLost(
+                    f"the lock on message {message.message_id} (sequence {message.sequence_number}) "
+                    f"on {message.queue} expired or the message was settled already"
+                ) from exc
+            if not renews:
+                receiver.held.pop(token, None)
+            elif isinstance(result, datetime):
+                receiver.held[token] = result
+                message.locked_until = result
+
+    def complete(self, message: ReceivedMessage) -> None:
+        """Complete the message on the receiver it came from.
+
+        Raises LockLost if the lock expired or the message was settled; ValueError for a peeked
+        message; ServiceBusError on another service failure.
+        """
+        self._settle(message, lambda receiver, raw: receiver.complete_message(raw))
+
+    def abandon(self, message: ReceivedMessage) -> None:
+        """Abandon the message: Service Bus delivers it again at once (delivery count + 1).
+
+        Raises LockLost if the lock expired or the message was settled; ValueError for a peeked
+        message; ServiceBusError on another service failure.
+        """
+        self._settle(message, lambda receiver, raw: receiver.abandon_message(raw))
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Move the message to the dead-letter sub-queue with ``reason`` and ``description``.
+
+        Raises LockLost if the lock expired or the message was settled; ValueError for a peeked
+        message or a dead letter; ServiceBusError on another service failure.
+        """
+        if message.from_dead_letter:
+            raise ValueError("a message from the dead-letter sub-queue cannot be dead-lettered again")
+        self._settle(
+            message,
+            lambda receiver, raw: receiver.dead_letter_message(
+                raw, reason=reason, error_description=description
+            ),
+        )
+
+    def renew_lock(self, message: ReceivedMessage) -> None:
+        """Renew the lock by the queue's lock duration; updates ``message.locked_until``.
+
+        Raises LockLost if the lock expired or the message was settled; ValueError for a peeked
+        message; ServiceBusError on another service failure.
+        """
+        self._settle(message, lambda receiver, raw: receiver.renew_message_lock(raw), renews=True)
+
+    # -- dead letters and counts -------------------------------------------------------------------
+
+    def peek_dead_letters(
+        self, queue: str, max_messages: int = 100, from_sequence: int = 0
+    ) -> list[ReceivedMessage]:
+        """Browse dead letters in sequence order from ``from_sequence`` without locking them.
+
+        Raises ServiceBusError on a service failure.
+        """
+        receiver = self._checkout(queue, True)
+        try:
+            # An explicit start: with 0 the SDK would continue from the receiver's last peek instead.
+            peeked = receiver.handler.peek_messages(max_messages, sequence_number=max(from_sequence, 1))
+        finally:
+            receiver.lock.release()
+        return [from_service_bus_message(m, queue, from_dead_letter=True, peeked=True) for m in peeked]
+
+    def _admin_client(self) -> ServiceBusAdministrationClient:
+        with self._lock:
+            if self._admin is None:
+                self._admin = ServiceBusAdministrationClient(self.fully_qualified_namespace, self._credential)
+            return self._admin
+
+    def stats(self, queue: str) -> QueueStats:
+        """Counts from the queue's runtime properties; dead letters by reason from a peek of up to
+        ``dead_letter_scan_limit`` of them (so the by-reason counts may sum to less than the total).
+
+        Raises azure.core.exceptions.HttpResponseError (e.g. ResourceNotFoundError) from the
+        administration API.
+        """
+        properties = self._admin_client().get_queue_runtime_properties(queue)
+        by_reason: Counter[str] = Counter()
+        scanned, next_sequence = 0, 1
+        while scanned < self._scan_limit:
+            page = self.peek_dead_letters(queue, min(_PEEK_PAGE, self._scan_limit - scanned), next_sequence)
+            if not page:
+                break
+            by_reason.update(m.dead_letter_reason or "unknown" for m in page)
+            scanned += len(page)
+            next_sequence = page[-1].sequence_number + 1
+        return QueueStats(
+            queue=queue,
+            active=properties.active_message_count or 0,
+            scheduled=properties.scheduled_message_count or 0,
+            dead_lettered=properties.dead_letter_message_count or 0,
+            dead_lettered_by_reason=dict(by_reason),
+        )
+
+    def close(self) -> None:
+        """Close every sender, receiver and client this transport opened."""
+        with self._lock:
+            handlers: list[Any] = [sender for sender, _ in self._senders.values()]
+            handlers += [receiver.handler for pool in self._pools.values() for receiver in pool]
+            handlers += [self._client] + ([self._admin] if self._admin is not None else [])
+            self._senders.clear()
+            self._pools.clear()
+        for handler in handlers:
+            try:
+                handler.close()
+            except ServiceBusError as exc:
+                logger.warning("closing %s failed: %s", type(handler).__name__, type(exc).__name__)

@@ -1,0 +1,189 @@
+"""Live verification of a publisher's CRM connection (DESIGN §6 ``PUT …/connection``, ``…/connection/test``).
+
+A connection is good when every step a lead will need passes, checked live against the CRM and
+Entra ID, in the order a publisher fixes them:
+
+1. ``token`` — Entra ID issues a token for the CRM (password or client secret accepted);
+2. ``whoAmI`` — the CRM knows the principal (it is a user of this environment);
+3. ``solution`` — the Lead Writer solution is installed, at the minimum version or later;
+4. ``createLeads`` — the principal may create leads (the Lead Writer role is assigned).
+
+Permanent failures become a failed :class:`~shared.connection.Verification` carrying the DESIGN §5
+reason and a message the publisher can act on; transient ones (authority or CRM unavailable,
+throttled) are raised as :class:`~shared.errors.RetryLater`, because they say nothing about the
+connection. Nothing here stores anything: the caller decides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from shared.connection import Connection, PasswordAuth, Verification
+from shared.dataverse import DataverseClient
+from shared.errors import (
+    CredentialsRejected,
+    DeadLetter,
+    DeadLetterReason,
+    PermissionDenied,
+    SolutionMissing,
+    SolutionVersionUnsupported,
+    UnsafeCrmUrl,
+)
+from shared.settings import parse_version
+from shared.stages import Pipeline
+
+logger = logging.getLogger(__name__)
+
+Step = Literal["token", "whoAmI", "solution", "createLeads"]
+StepState = Literal["passed", "failed", "skipped"]
+STEPS: tuple[Step, ...] = ("token", "whoAmI", "solution", "createLeads")
+
+#: Shorter, plainer wording than the generic table for the Entra errors publishers meet most when
+#: they set a connection up; the rest keep the message of :mod:`shared.dataverse.errors`.
+_VERIFY_MESSAGES: dict[int, str] = {
+    50126: "the password was rejected (AADSTS50126): check the user name and password of the service account",
+    50076: "multi-factor authentication is required for this account (AADSTS50076): use a service account "
+    "excluded from MFA, or a clientSecret connection",
+    50057: "the user account is disabled (AADSTS50057): enable it in Entra ID",
+    7000215: "the client secret was rejected (AADSTS7000215): use the secret's value, not its id, "
+    "and check that it has not expired",
+    700016: "the application (client id) was not found in this tenant (AADSTS700016): check the client id "
+    "and the tenant id",
+    90002: "the tenant was not found (AADSTS90002): check the tenant id",
+}
+
+
+@dataclass
+class VerificationReport:
+    """What a verification found: the stored :class:`Verification` plus the state of each step."""
+
+    verification: Verification
+    checks: dict[Step, StepState] = field(default_factory=lambda: dict.fromkeys(STEPS, "skipped"))
+
+    @property
+    def ok(self) -> bool:
+        return self.verification.ok
+
+    def to_json(self) -> dict[str, Any]:
+        """camelCase JSON for API answers (no secrets: a Verification holds none)."""
+        data = self.verification.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data["checks"] = dict(self.checks)
+        return data
+
+
+def _principal(connection: Connection) -> str:
+    auth = connection.auth
+    return "the user" if isinstance(auth, PasswordAuth) else "the application user"
+
+
+def _failure_message(error: DeadLetter, connection: Connection) -> str:
+    if isinstance(error, CredentialsRejected) and error.entra_code in _VERIFY_MESSAGES:
+        return _VERIFY_MESSAGES[error.entra_code]
+    if isinstance(error, PermissionDenied):
+        return (
+            f"{_principal(connection)} lacks the Lead Writer role or is not a user of this environment: "
+            f"{error.message}"
+        )
+    return error.message
+
+
+def verify_connection(
+    pipeline: Pipeline,
+    connection: Connection,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> VerificationReport:
+    """Check ``connection`` live: token, WhoAmI, solution and version, permission to create leads.
+
+    The token is always requested afresh (a cached one would not prove the credentials still work).
+    Returns a report whose verification is ``ok`` or names the DESIGN §5 reason of the first failed
+    step with an actionable message.
+
+    Raises:
+        UnsafeCrmUrl: the URL is not an allowed CRM host.
+        RetryLater: (CrmUnavailable, CrmThrottled, AuthorityUnavailable) a transient failure: the
+            connection could not be checked now.
+    """
+    settings = pipeline.settings
+    # A client of its own, not the pipeline's cache: a connection that fails verification must not
+    # leave a client (and its HTTP session) behind for every attempt.
+    client = DataverseClient(connection, settings, tokens=pipeline.tokens, throttle=pipeline.throttle)
+    report = VerificationReport(Verification(ok=False, checked_at=now()))
+    step: Step = "token"
+    user_id: str | None = None
+    version: str | None = None
+    try:
+        pipeline.tokens.invalidate(connection)
+        pipeline.tokens.token(connection)
+        report.checks["token"] = "passed"  # noqa: S105 - a step state, not a secret
+        step = "whoAmI"
+        user_id = client.whoami().user_id
+        report.checks["whoAmI"] = "passed"
+        step = "solution"
+        version = client.solution_version(settings.solution_name)
+        _check_version(version, settings.solution_name, settings.min_solution_version, settings.min_version)
+        report.checks["solution"] = "passed"
+        step = "createLeads"
+        if not client.can_create_leads(user_id):
+            raise PermissionDenied(
+                f"{_principal(connection)} lacks the Lead Writer role: assign the Microsoft Marketplace "
+                "Lead Writer security role to it in Dynamics (Settings → Security)"
+            )
+        report.checks["createLeads"] = "passed"
+    except DeadLetter as error:
+        report.checks[step] = "failed"
+        # The failed credential must not linger in the token provider's cache.
+        pipeline.tokens.invalidate(connection)
+        reason = error.reason
+        message = _failure_message(error, connection)
+        if isinstance(error, PermissionDenied) and step == "createLeads":
+            message = error.message
+        logger.info("connection verification failed at %s: %s", step, reason)
+        report.verification = Verification(
+            ok=False,
+            checked_at=now(),
+            reason=str(reason),
+            message=message,
+            user_id=user_id,
+            solution_version=version,
+        )
+        return report
+    except ValueError as error:
+        # can_create_leads refuses a WhoAmI user id that is not a GUID: the CRM is not a real Dataverse.
+        if isinstance(error, UnsafeCrmUrl):
+            raise
+        report.checks[step] = "failed"
+        report.verification = Verification(
+            ok=False,
+            checked_at=now(),
+            reason=str(DeadLetterReason.PERMISSION_DENIED),
+            message="the CRM answered WhoAmI with a user id that is not a GUID; check the instance URL",
+        )
+        return report
+    report.verification = Verification(ok=True, checked_at=now(), user_id=user_id, solution_version=version)
+    logger.info("connection verified: solution %s", version)
+    return report
+
+
+def _check_version(version: str | None, name: str, minimum_text: str, minimum: tuple[int, ...]) -> None:
+    """Raises SolutionMissing / SolutionVersionUnsupported."""
+    if version is None:
+        raise SolutionMissing(
+            f"solution not installed: import the Microsoft Marketplace Lead Writer solution ({name}) "
+            "in Dynamics (Settings → Solutions → Import)"
+        )
+    try:
+        installed = parse_version(version)
+    except ValueError:
+        raise SolutionVersionUnsupported(
+            f"the CRM reports an unreadable version for the {name} solution; reinstall it"
+        ) from None
+    if installed < minimum:
+        raise SolutionVersionUnsupported(
+            f"solution version {version} is installed; {minimum_text} or later is required: "
+            "import the current Microsoft Marketplace Lead Writer solution"
+        )

@@ -1,0 +1,376 @@
+"""infra/ validated offline: the real tree passes every check, and broken copies are caught.
+
+Each broken variant copies infra/, host.json and azure.yaml into tmp_path, changes one thing the
+way a careless edit would, and asserts that the check responsible reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared import names
+from shared.settings import Settings
+from tests import infra_checks as checks
+
+ROOT = checks.REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def deployment() -> checks.Deployment:
+    return checks.load_deployment(ROOT / "infra")
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    """A scratch copy of everything the checks read."""
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    shutil.copy(ROOT / "host.json", tmp_path / "host.json")
+    shutil.copy(ROOT / "azure.yaml", tmp_path / "azure.yaml")
+    return tmp_path
+
+
+def edit(root: Path, relative: str, old: str, new: str) -> None:
+    path = root / relative
+    text = path.read_text()
+    assert old in text, f"{relative} no longer contains {old!r}: update this test"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_the_real_infra_passes_every_offline_check() -> None:
+    assert checks.run_all(ROOT) == []
+
+
+def test_bicep_queue_names_are_the_stage_queues_of_names_py(deployment: checks.Deployment) -> None:
+    assert checks.bicep_queue_names(deployment) == names.STAGE_QUEUES
+
+
+def test_every_leadwriter_setting_bicep_sets_is_a_settings_alias(deployment: checks.Deployment) -> None:
+    aliases = {field.alias for field in Settings.model_fields.values()}
+    settings = checks.bicep_app_settings(deployment)
+    leadwriter = {key for key in settings if key.startswith("LEADWRITER_")}
+    assert leadwriter, "Bicep sets no LEADWRITER_ setting at all"
+    assert leadwriter <= aliases
+
+
+def test_bicep_wires_the_identity_based_service_bus_connection_the_bindings_name(
+    deployment: checks.Deployment,
+) -> None:
+    settings = checks.bicep_app_settings(deployment)
+    prefix = names.SERVICEBUS_CONNECTION
+    assert settings[f"{prefix}__credential"] == "managedidentity"
+    assert f"{prefix}__fullyQualifiedNamespace" in settings
+    assert f"{prefix}__clientId" in settings
+    assert prefix not in settings, "a bare ServiceBusConnection setting would be a connection string"
+
+
+def test_admin_key_reaches_the_app_only_as_a_key_vault_reference(deployment: checks.Deployment) -> None:
+    value = checks.bicep_app_settings(deployment)["LEADWRITER_ADMIN_KEY"]
+    assert isinstance(value, str)
+    assert value.startswith("@Microsoft.KeyVault(SecretUri=")
+
+
+def test_host_json_renews_locks_for_the_whole_function_timeout(deployment: checks.Deployment) -> None:
+    host = json.loads((ROOT / "host.json").read_text())
+    bus = host["extensions"]["serviceBus"]
+    assert bus["autoCompleteMessages"] is False
+    renewal = checks._timespan(bus["maxAutoLockRenewalDuration"])
+    timeout = checks._timespan(host["functionTimeout"])
+    assert renewal is not None and timeout is not None and renewal >= timeout
+    for queue in deployment.of_type(checks.QUEUE_TYPE):
+        lock = checks._iso_duration(queue.properties["lockDuration"])
+        assert lock is not None and lock <= renewal
+
+
+def test_the_app_identity_gets_receive_and_send_on_each_queue_and_nothing_namespace_wide(
+    deployment: checks.Deployment,
+) -> None:
+    grants = set()
+    for assignment in deployment.of_type(checks.ROLE_ASSIGNMENT_TYPE):
+        role = checks.GUID.search(str(assignment.properties["roleDefinitionId"]))
+        scope = assignment.config.get("scope")
+        assert role is not None and isinstance(scope, checks.ResourceRef)
+        grants.add((role.group(0), scope.type, str(scope.name)))
+    for queue in names.STAGE_QUEUES:
+        assert (checks.SB_DATA_RECEIVER, checks.QUEUE_TYPE, queue) in grants
+        assert (checks.SB_DATA_SENDER, checks.QUEUE_TYPE, queue) in grants
+    assert all(role != checks.SB_DATA_OWNER for role, _, _ in grants)
+    assert all(scope_type != checks.NAMESPACE_TYPE for _, scope_type, _ in grants)
+
+
+NAMESPACE_DATA_OWNER = """
+resource namespaceOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(serviceBus.id, appPrincipalId, '090c5cfd-751d-490a-894a-3ce6f1109419')
+  scope: serviceBus
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '090c5cfd-751d-490a-894a-3ce6f1109419')
+    principalId: appPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+"""
+
+Check = Callable[[checks.Deployment], list[str]]
+
+BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
+    (
+        "queue_without_dead_lettering_on_expiration",
+        "infra/core/messaging/servicebus.bicep",
+        "deadLetteringOnMessageExpiration: true",
+        "deadLetteringOnMessageExpiration: false",
+        checks.check_queues,
+        "deadLetteringOnMessageExpiration",
+    ),
+    (
+        "queue_without_duplicate_detection",
+        "infra/core/messaging/servicebus.bicep",
+        "requiresDuplicateDetection: true",
+        "requiresDuplicateDetection: false",
+        checks.check_queues,
+        "requiresDuplicateDetection",
+    ),
+    (
+        "queue_renamed_away_from_names_py",
+        "infra/main.bicep",
+        "{ name: 'leads-ready', lockDuration: 'PT1M' }",
+        "{ name: 'leads-write', lockDuration: 'PT1M' }",
+        checks.check_queues,
+        "STAGE_QUEUES",
+    ),
+    (
+        "storage_connection_string_setting",
+        "infra/app/api.bicep",
+        "KEYVAULT_URL: keyVaultUri",
+        "KEYVAULT_URL: keyVaultUri\n      LEGACY_STORAGE: 'DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc'",
+        checks.check_no_secrets,
+        "AccountKey=",
+    ),
+    (
+        "service_bus_connection_string_setting",
+        "infra/app/api.bicep",
+        "ServiceBusConnection__credential: 'managedidentity'",
+        "ServiceBusConnection__credential: 'managedidentity'\n      ServiceBusConnection: serviceBusNamespaceFqdn",
+        checks.check_no_secrets,
+        "connection string",
+    ),
+    (
+        "admin_key_in_plain_app_setting",
+        "infra/app/api.bicep",
+        "LEADWRITER_ADMIN_KEY: '@Microsoft.KeyVault(SecretUri=${adminKeySecretUri})'",
+        "LEADWRITER_ADMIN_KEY: 'hunter2hunter2hunter2hunter2hunter2'",
+        checks.check_no_secrets,
+        "LEADWRITER_ADMIN_KEY",
+    ),
+    (
+        "listkeys_in_an_output",
+        "infra/core/storage/storage-account.bicep",
+        "output name string = storage.name",
+        "output name string = storage.name\noutput keys object = storage.listKeys()",
+        checks.check_no_secrets,
+        "listKeys(",
+    ),
+    (
+        "secure_parameter_in_an_output",
+        "infra/core/security/keyvault.bicep",
+        "output name string = vault.name",
+        "output name string = vault.name\noutput adminValue string = adminKey",
+        checks.check_no_secrets,
+        "exposes secure parameter",
+    ),
+    (
+        "key_vault_with_access_policies",
+        "infra/core/security/keyvault.bicep",
+        "enableRbacAuthorization: true",
+        "enableRbacAuthorization: true\n    accessPolicies: [\n      {\n        tenantId: subscription().tenantId\n"
+        "        objectId: '00000000-0000-0000-0000-000000000000'\n        permissions: { secrets: ['get'] }\n      }\n    ]",
+        checks.check_key_vault,
+        "accessPolicies",
+    ),
+    (
+        "key_vault_without_purge_protection",
+        "infra/core/security/keyvault.bicep",
+        "enablePurgeProtection: true",
+        "enablePurgeProtection: false",
+        checks.check_key_vault,
+        "enablePurgeProtection",
+    ),
+    (
+        "key_vault_with_access_policy_authorization",
+        "infra/core/security/keyvault.bicep",
+        "enableRbacAuthorization: true",
+        "enableRbacAuthorization: false",
+        checks.check_key_vault,
+        "enableRbacAuthorization",
+    ),
+    (
+        "namespace_wide_data_owner",
+        "infra/app/rbac.bicep",
+        "// Each stage function's trigger",
+        NAMESPACE_DATA_OWNER + "\n// Each stage function's trigger",
+        checks.check_rbac,
+        "Azure Service Bus Data Owner",
+    ),
+    (
+        "sender_on_the_namespace_instead_of_the_queue",
+        "infra/app/rbac.bicep",
+        "  name: guid(queues[i].id, appPrincipalId, roles.serviceBusDataSender)\n  scope: queues[i]",
+        "  name: guid(queues[i].id, appPrincipalId, roles.serviceBusDataSender)\n  scope: serviceBus",
+        checks.check_rbac,
+        "Azure Service Bus Data Sender granted on the namespace",
+    ),
+    (
+        "a_queue_left_without_a_receiver",
+        "infra/main.bicep",
+        "queueNames: [for queue in stageQueues: queue.name]",
+        "queueNames: ['leads-incoming']",
+        checks.check_rbac,
+        "missing Azure Service Bus Data Receiver on queue leads-validated",
+    ),
+    (
+        "role_assignment_named_without_guid",
+        "infra/app/rbac.bicep",
+        "name: guid(keyVault.id, appPrincipalId, roles.keyVaultSecretsOfficer)",
+        "name: 'kv-officer'",
+        checks.check_rbac,
+        "guid(",
+    ),
+    (
+        "storage_with_shared_keys",
+        "infra/core/storage/storage-account.bicep",
+        "allowSharedKeyAccess: false",
+        "allowSharedKeyAccess: true",
+        checks.check_storage,
+        "allowSharedKeyAccess",
+    ),
+    (
+        "service_bus_with_sas_keys",
+        "infra/core/messaging/servicebus.bicep",
+        "disableLocalAuth: true",
+        "disableLocalAuth: false",
+        checks.check_service_bus,
+        "disableLocalAuth",
+    ),
+    (
+        "application_insights_with_local_auth",
+        "infra/core/monitor/monitoring.bicep",
+        "DisableLocalAuth: true",
+        "DisableLocalAuth: false",
+        checks.check_monitoring,
+        "DisableLocalAuth",
+    ),
+    (
+        "python_runtime_drifts",
+        "infra/app/api.bicep",
+        "runtimeVersion: '3.11'",
+        "runtimeVersion: '3.12'",
+        checks.check_function_app,
+        "python 3.11",
+    ),
+    (
+        "unknown_leadwriter_setting",
+        "infra/app/api.bicep",
+        "LEADWRITER_LOG_LEVEL: 'INFO'",
+        "LEADWRITER_LOG_LEVEL: 'INFO'\n      LEADWRITER_QUEUE_NAME: 'leads'",
+        checks.check_app_settings,
+        "LEADWRITER_QUEUE_NAME",
+    ),
+    (
+        "setting_value_the_app_refuses",
+        "infra/app/api.bicep",
+        "LEADWRITER_QUEUE_BACKEND: 'servicebus'",
+        "LEADWRITER_QUEUE_BACKEND: 'service-bus'",
+        checks.check_app_settings,
+        "LEADWRITER_QUEUE_BACKEND",
+    ),
+    (
+        "crm_simulator_hosts_allowed_in_azure",
+        "infra/app/api.bicep",
+        "LEADWRITER_CRM_ALLOWED_HOSTS: ''",
+        "LEADWRITER_CRM_ALLOWED_HOSTS: '127.0.0.1:*'",
+        checks.check_app_settings,
+        "LEADWRITER_CRM_ALLOWED_HOSTS",
+    ),
+    (
+        "nested_child_resources_pycep_cannot_see",
+        "infra/core/host/appserviceplan.bicep",
+        "  properties: {\n    reserved: true\n  }\n}",
+        "  properties: {\n    reserved: true\n  }\n  resource a 'x' = {\n    name: 'a'\n  }\n"
+        "  resource b 'y' = {\n    name: 'b'\n  }\n}",
+        checks.check_parsing,
+        "declared",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("relative", "old", "new", "check", "expected"),
+    [pytest.param(*variant[1:], id=variant[0]) for variant in BROKEN_VARIANTS],
+)
+def test_broken_variant_is_reported_by_its_check(
+    copy: Path, relative: str, old: str, new: str, check: Check, expected: str
+) -> None:
+    edit(copy, relative, old, new)
+    problems = check(checks.load_deployment(copy / "infra"))
+    assert any(expected in problem for problem in problems), problems
+    assert checks.run_all(copy), "run_all must fail too"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param('"maxAutoLockRenewalDuration": "00:05:00"', '"maxAutoLockRenewalDuration": "00:02:00"',
+                     "shorter than functionTimeout", id="renewal_shorter_than_timeout"),
+        pytest.param('"maxAutoLockRenewalDuration": "00:05:00"', '"maxAutoLockRenewalDuration": "00:00:30"',
+                     "exceeds host.json maxAutoLockRenewalDuration", id="lock_longer_than_renewal"),
+        pytest.param('"autoCompleteMessages": false', '"autoCompleteMessages": true',
+                     "autoCompleteMessages", id="host_completes_messages_itself"),
+    ],
+)
+def test_host_json_out_of_step_with_the_queues_is_reported(copy: Path, old: str, new: str, expected: str) -> None:
+    edit(copy, "host.json", old, new)
+    problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_a_lock_shorter_than_one_crm_request_is_reported(copy: Path) -> None:
+    edit(copy, "infra/main.bicep", "{ name: 'leads-ready', lockDuration: 'PT1M' }",
+         "{ name: 'leads-ready', lockDuration: 'PT30S' }")
+    problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
+    assert any("does not outlast one CRM request" in problem for problem in problems), problems
+
+
+def test_azure_yaml_must_deploy_api_as_a_python_function(copy: Path) -> None:
+    edit(copy, "azure.yaml", "host: function", "host: appservice")
+    assert checks.check_azure_yaml(copy / "azure.yaml") == [
+        "azure.yaml: services.api.host must be 'function', is 'appservice'"
+    ]
+
+
+def test_a_checkov_suppression_without_a_reason_is_reported(copy: Path) -> None:
+    edit(copy, "infra/core/host/appserviceplan.bicep",
+         "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n",
+         "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n  // checkov:skip=CKV_AZURE_211\n")
+    problems = checks.check_suppressions(copy / "infra")
+    assert problems == ["appserviceplan.bicep:7: checkov:skip=CKV_AZURE_211 without a reason (`: why`)"]
+
+
+needs_checkov = pytest.mark.skipif(
+    not checks.CHECKOV.exists(), reason="checkov is not installed: `make infra-check` installs .venv-checkov"
+)
+
+
+@needs_checkov
+def test_checkov_finds_nothing_unjustified_in_the_real_infra() -> None:
+    assert checks.run_checkov(ROOT / "infra") == []
+
+
+@needs_checkov
+def test_checkov_reports_a_finding_once_its_justification_is_removed(copy: Path) -> None:
+    path = copy / "infra/core/security/keyvault.bicep"
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if "CKV_AZURE_41" not in line))
+    problems = checks.run_checkov(copy / "infra")
+    assert [p for p in problems if p.startswith("checkov CKV_AZURE_41 ")], problems

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench serve clean
+.PHONY: demo test lint typecheck unit bench serve clean infra-check
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,20 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/leadwriter demo
 
-test: lint typecheck unit
+test: infra-check lint typecheck unit
+
+# checkov conflicts with our dependencies: it gets a venv of its own, installed once (~30 s).
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_STAMP):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov>=3.3.30,<3.4'
+	touch $(CHECKOV_STAMP)
+
+# Offline validation of infra/, host.json and azure.yaml (pycep checks + checkov); see docs/deploy.md.
+infra-check: $(STAMP) $(CHECKOV_STAMP)
+	$(PY) -m tests.infra_checks --checkov $(CHECKOV_VENV)/bin/checkov
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

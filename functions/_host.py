@@ -20,7 +20,7 @@ from shared.settle import Sender, Settled, settle
 from shared.stages import STAGES, Pipeline
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage
-from shared.transport.servicebus import from_sdk_message
+from shared.transport.servicebus import from_service_bus_message
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ class ActionsSettler:
         self.actions.complete(self.sdk_message)
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
-        self.actions.deadletter(
-            self.sdk_message, deadletter_reason=reason, deadletter_error_description=description
-        )
+        self.actions.deadletter(self.sdk_message, deadletter_reason=reason, deadletter_error_description=description)
 
 
 @dataclass
@@ -69,7 +67,9 @@ def host() -> Host:
     return Host(settings, pipeline, make_transport(settings))
 
 
-def run_stage(stage: str, sdk_message: SdkReceivedMessage, actions: MessageActions, *, using: Host | None = None) -> Settled:
+def run_stage(
+    stage: str, sdk_message: SdkReceivedMessage, actions: MessageActions, *, using: Host | None = None
+) -> Settled:
     """Run ``stage`` on the trigger message and settle it explicitly (send first, complete after).
 
     Raises what the broker raises when settling fails: the host then leaves the message locked and it
@@ -77,9 +77,14 @@ def run_stage(stage: str, sdk_message: SdkReceivedMessage, actions: MessageActio
     """
     current = using or host()
     started = time.monotonic()
-    message = from_sdk_message(STAGES[stage], sdk_message)
+    message = from_service_bus_message(sdk_message, STAGES[stage], from_dead_letter=False, peeked=False)
     outcome = current.pipeline.handle(stage, message)
     return settle(
-        stage, message, outcome, sender=current.sender, settler=ActionsSettler(actions, sdk_message), started=started,
+        stage,
+        message,
+        outcome,
+        sender=current.sender,
+        settler=ActionsSettler(actions, sdk_message),
+        started=started,
         schedule=current.settings.retry_schedule,
     )

@@ -17,7 +17,7 @@ from shared.stages import STAGES
 
 def stage_blueprint(stage: str) -> func.Blueprint:
     """A Blueprint with the trigger function ``stage`` on its queue (auto-complete off)."""
-    bp = func.Blueprint()
+    bp = func.Blueprint()  # type: ignore[no-untyped-call]  # azure-functions is untyped here
 
     @bp.function_name(stage)
     @bp.service_bus_queue_trigger(

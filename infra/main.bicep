@@ -26,7 +26,7 @@ param principalId string = ''
 param principalType string = 'User'
 
 @secure()
-@minLength(32)
+@minLength(16)
 @description('Admin key for the HTTP API. Written to Key Vault only; the app reads it through a Key Vault reference. azd supplies it (secretOrRandomPassword).')
 param adminKey string
 

@@ -151,7 +151,11 @@ def enqueue(
         stream = _as_single_line(Path(file))
     total = _count_lines(file) if file != "-" else None
     with Progress(
-        TextColumn("enqueue"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+        TextColumn("enqueue"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
         disable=total is None or total < 200,
     ) as progress:
         task = progress.add_task("enqueue", total=total)
@@ -213,7 +217,9 @@ MessageIdOpt = Annotated[list[str] | None, typer.Option("--message-id", help="Me
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many.")]
 
 
-def _filter(queue: list[str] | None, reason: list[str] | None, publisher: str | None, message_id: list[str] | None) -> DeadLetterFilter:
+def _filter(
+    queue: list[str] | None, reason: list[str] | None, publisher: str | None, message_id: list[str] | None
+) -> DeadLetterFilter:
     try:
         return DeadLetterFilter.build(queue=queue, reason=reason, publisher_id=publisher, message_ids=message_id)
     except ValueError as exc:
@@ -251,14 +257,30 @@ def deadletters_list(
         summary.add_row(q, r, p or "-", str(count))
     out.print(summary)
     detail = Table(title=f"{len(items)} dead letter(s)")
-    for column in ("messageId", "leadId", "publisher", "queue", "reason", "description", "enqueued", "deliveries", "replays"):
+    for column in (
+        "messageId",
+        "leadId",
+        "publisher",
+        "queue",
+        "reason",
+        "description",
+        "enqueued",
+        "deliveries",
+        "replays",
+    ):
         detail.add_column(column, overflow="fold")
     for item in items:
         row = item.to_json()
         detail.add_row(
-            str(row["messageId"]), str(row["leadId"] or "-"), str(row["publisherId"] or "-"), str(row["queue"]),
-            str(row["reason"] or "-"), str(row["description"] or "-")[:120], str(row["enqueuedAt"]),
-            str(row["deliveryCount"]), str(row["replayCount"]),
+            str(row["messageId"]),
+            str(row["leadId"] or "-"),
+            str(row["publisherId"] or "-"),
+            str(row["queue"]),
+            str(row["reason"] or "-"),
+            str(row["description"] or "-")[:120],
+            str(row["enqueuedAt"]),
+            str(row["deliveryCount"]),
+            str(row["replayCount"]),
         )
     out.print(detail)
 
@@ -287,8 +309,13 @@ def deadletters_replay(
                 table.add_column(column, overflow="fold")
             for entry in plan:
                 table.add_row(
-                    entry.message_id, entry.queue, entry.new_message_id, entry.reason or "-",
-                    entry.publisher_id or "-", str(entry.replay_count), entry.refused or "",
+                    entry.message_id,
+                    entry.queue,
+                    entry.new_message_id,
+                    entry.reason or "-",
+                    entry.publisher_id or "-",
+                    str(entry.replay_count),
+                    entry.refused or "",
                 )
             out.print(table)
             return
@@ -330,7 +357,9 @@ def deadletters_purge(
             raise typer.Exit(2)
         with Progress(TextColumn("purge"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
             task = progress.add_task("purge", total=None)
-            result = purge(transport, flt, confirm=True, limit=limit, progress=lambda n: progress.update(task, advance=n))
+            result = purge(
+                transport, flt, confirm=True, limit=limit, progress=lambda n: progress.update(task, advance=n)
+            )
     finally:
         transport.close()
     out.print(f"matched {result.matched}, purged {result.purged}")
@@ -382,15 +411,30 @@ def demo(
 
 @app.command()
 def bench(
-    leads: Annotated[int, typer.Option(help="Leads to deliver.")] = 2000,
-    publishers: Annotated[int, typer.Option(help="Publishers the leads are spread over.")] = 1,
-    latency: Annotated[float, typer.Option(help="Simulated CRM latency in seconds.")] = 0.05,
+    leads: Annotated[int, typer.Option(min=1, help="Leads to deliver.")] = 2000,
+    publishers: Annotated[int, typer.Option(min=1, help="Publishers the leads are spread over.")] = 1,
+    latency: Annotated[float, typer.Option(min=0, help="Simulated CRM latency in seconds.")] = 0.05,
+    naive_leads: Annotated[int, typer.Option(min=1, help="Leads for the naive deliverer.")] = 100,
+    rate: Annotated[float, typer.Option(min=0, help="Leads per second to enqueue (0: all at once).")] = 0.0,
+    requests_per_window: Annotated[int, typer.Option(help="Simulated service protection limit.")] = 6000,
+    window_seconds: Annotated[float, typer.Option(help="Its sliding window in seconds.")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Measure delivery against a naive deliverer in the same run (DESIGN §10)."""
     from shared.bench import run_bench
 
-    raise typer.Exit(run_bench(leads=leads, publishers=publishers, latency=latency, as_json=as_json))
+    raise typer.Exit(
+        run_bench(
+            leads=leads,
+            publishers=publishers,
+            latency=latency,
+            naive_leads=naive_leads,
+            rate=rate,
+            requests_per_window=requests_per_window,
+            window_seconds=window_seconds,
+            as_json=as_json,
+        )
+    )
 
 
 def main() -> None:

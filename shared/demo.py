@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -100,7 +101,9 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
     connections = {
         "contoso": Connection(
             url=contoso.url,
-            auth=ClientSecretAuth(tenantId=contoso.tenant_id, clientId=client_id, clientSecret=client_secret),
+            auth=ClientSecretAuth(
+                tenant_id=contoso.tenant_id, client_id=client_id, client_secret=SecretStr(client_secret)
+            ),
         )
     }
     fabrikam_leads = 0
@@ -110,13 +113,15 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
         simulator.add_user("fabrikam", "svc-leadwriter@fabrikam.example", password)
         # No tenant given: it is discovered from the CRM's bearer challenge.
         connections["fabrikam"] = Connection(
-            url=fabrikam.url, auth=PasswordAuth(username="svc-leadwriter@fabrikam.example", password=password)
+            url=fabrikam.url,
+            auth=PasswordAuth(username="svc-leadwriter@fabrikam.example", password=SecretStr(password)),
         )
         fabrikam_leads = 5
 
     console.print("\n[bold]1. Publishers hand over their CRM connections[/bold] (verified live, stored encrypted)")
     for publisher_id, connection in connections.items():
-        verification = verify_connection(services.pipeline, connection)
+        report = verify_connection(services.pipeline, connection)
+        verification = report.verification
         if not verification.ok:
             console.print(f"[red]verification of {publisher_id} failed: {verification.message}[/red]")
             return 1
@@ -140,7 +145,9 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
             malformed += 1
         outgoing.append(envelope(body, publisher_id=str(data["publisherId"]), lead_id=lead_id))
 
-    console.print(f"\n[bold]2. The marketplace sends {len(outgoing)} leads[/bold] ({malformed} malformed) to {QUEUE_INCOMING}")
+    console.print(
+        f"\n[bold]2. The marketplace sends {len(outgoing)} leads[/bold] ({malformed} malformed) to {QUEUE_INCOMING}"
+    )
     services.transport.send(QUEUE_INCOMING, outgoing)
 
     started = time.monotonic()
@@ -148,6 +155,7 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
         services.transport, services.pipeline, concurrency=8, publisher_concurrency=4, observer=services.status.observe
     ).start()
     try:
+
         def settled() -> bool:
             written = all(len(simulator.leads(p)) >= n for p, n in expected.items())
             dead = sum(services.transport.stats(q).dead_lettered for q in STAGE_QUEUES)
@@ -188,13 +196,13 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
 
     crm_requests = sum(simulator.requests(p).total for p in expected)
     delivered = sum(expected.values())
-    console.print(
-        f"\nCRM requests: {crm_requests} for {delivered} leads; token requests: {simulator.token_requests()}"
-    )
+    console.print(f"\nCRM requests: {crm_requests} for {delivered} leads; token requests: {simulator.token_requests()}")
     services.close()
     if ok:
-        console.print("[bold green]demo passed:[/bold green] every valid lead written exactly once, "
-                      "the malformed one dead-lettered InvalidLead")
+        console.print(
+            "[bold green]demo passed:[/bold green] every valid lead written exactly once, "
+            "the malformed one dead-lettered InvalidLead"
+        )
         return 0
     console.print("[bold red]demo failed:[/bold red] see the tables above")
     return 1

@@ -17,6 +17,7 @@ ones are abandoned (delivered again at once) — never lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,10 +39,15 @@ RECEIVE_WAIT = 0.25
 RENEW_MARGIN = 20.0
 
 
+#: A publisher with no finished work for this long while at its cap counts as stuck.
+STUCK_AFTER = 2.0
+
+
 @dataclass
 class _PublisherState:
     backlog: deque[tuple[ReceivedMessage, float]] = field(default_factory=deque)
     in_flight: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
 
 
 class StageWorker:
@@ -63,8 +69,9 @@ class StageWorker:
         self.pipeline = pipeline
         self.concurrency = concurrency
         self.publisher_concurrency = min(publisher_concurrency, concurrency)
-        #: Messages held (backlog + in flight) at most, and per publisher at most.
-        self.capacity = concurrency * 4
+        #: Messages held (backlog + in flight) at most; a publisher beyond its share is deferred only
+        #: while it is stuck (see _receive).
+        self.capacity = max(concurrency * 8, MAX_BATCH * 2 if stage == "write_lead" else 0)
         self.publisher_capacity = max(self.capacity // 2, self.publisher_concurrency)
         self.observer = observer
         self.batching = stage == "write_lead"
@@ -97,7 +104,7 @@ class StageWorker:
                 self._receive()
                 self._dispatch()
                 self._renew_locks()
-            except Exception:  # noqa: BLE001 - a worker loop must outlive a broker hiccup
+            except Exception:
                 logger.exception("stage %s: receive loop failed; retrying in a second", self.stage)
                 self._stop.wait(1.0)
         self._drain()
@@ -112,7 +119,9 @@ class StageWorker:
             with self._lock:
                 self._lock.wait(RECEIVE_WAIT)
             return
-        messages = self.transport.receive(self.queue, max_messages=min(free, 100), max_wait=RECEIVE_WAIT if idle else 0.0)
+        messages = self.transport.receive(
+            self.queue, max_messages=min(free, 100), max_wait=RECEIVE_WAIT if idle else 0.0
+        )
         if not messages:
             if not idle:
                 with self._lock:
@@ -124,7 +133,9 @@ class StageWorker:
             for message in messages:
                 publisher = str(message.application_properties.get(PROP_PUBLISHER_ID, ""))
                 state = self._publishers.setdefault(publisher, _PublisherState())
-                if len(state.backlog) + state.in_flight >= self.publisher_capacity:
+                stuck = now - state.last_progress > STUCK_AFTER
+                if len(state.backlog) + state.in_flight >= self.publisher_capacity and stuck:
+                    # Its CRM hangs or fails: holding more of its messages would crowd out others.
                     deferred.append(message)
                     continue
                 state.backlog.append((message, now))
@@ -154,6 +165,7 @@ class StageWorker:
         finally:
             with self._lock:
                 state.in_flight -= 1
+                state.last_progress = time.monotonic()
                 self._busy -= 1
                 self._held -= len(batch)
                 self._lock.notify_all()
@@ -172,8 +184,10 @@ class StageWorker:
             )
         except LockLost:
             logger.warning("stage %s: lock lost on message %s; it will be redelivered", self.stage, message.message_id)
-        except Exception:  # noqa: BLE001 - the message stays locked and comes back; the worker goes on
-            logger.exception("stage %s: settling message %s failed; it will be redelivered", self.stage, message.message_id)
+        except Exception:
+            logger.exception(
+                "stage %s: settling message %s failed; it will be redelivered", self.stage, message.message_id
+            )
 
     def _renew_locks(self) -> None:
         threshold = datetime.now(UTC) + timedelta(seconds=RENEW_MARGIN)
@@ -192,10 +206,8 @@ class StageWorker:
             for state in self._publishers.values():
                 state.backlog.clear()
         for message in held:
-            try:
+            with contextlib.suppress(LockLost):
                 self.transport.abandon(message)
-            except LockLost:
-                pass
         self._pool.shutdown(wait=True)
 
 

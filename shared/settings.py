@@ -38,32 +38,22 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
     data_dir: Path = Field(default=Path(".leadwriter"), alias="LEADWRITER_DATA_DIR")
-    queue_backend: Literal["embedded", "servicebus"] = Field(
-        default="embedded", alias="LEADWRITER_QUEUE_BACKEND"
-    )
-    secret_backend: Literal["embedded", "keyvault"] = Field(
-        default="embedded", alias="LEADWRITER_SECRET_BACKEND"
-    )
+    queue_backend: Literal["embedded", "servicebus"] = Field(default="embedded", alias="LEADWRITER_QUEUE_BACKEND")
+    secret_backend: Literal["embedded", "keyvault"] = Field(default="embedded", alias="LEADWRITER_SECRET_BACKEND")
     admin_key: SecretStr | None = Field(default=None, alias="LEADWRITER_ADMIN_KEY")
     crm_allowed_hosts: tuple[str, ...] = Field(default=(), alias="LEADWRITER_CRM_ALLOWED_HOSTS")
     solution_name: str = Field(default=DEFAULT_SOLUTION_NAME, alias="LEADWRITER_SOLUTION_NAME", min_length=1)
-    min_solution_version: str = Field(
-        default=DEFAULT_MIN_SOLUTION_VERSION, alias="LEADWRITER_MIN_SOLUTION_VERSION"
-    )
+    min_solution_version: str = Field(default=DEFAULT_MIN_SOLUTION_VERSION, alias="LEADWRITER_MIN_SOLUTION_VERSION")
     authority_host: str = Field(default=DEFAULT_AUTHORITY_HOST, alias="AZURE_AUTHORITY_HOST")
     ca_bundle: Path | None = Field(default=None, alias="REQUESTS_CA_BUNDLE")
-    servicebus_namespace: str | None = Field(
-        default=None, alias="ServiceBusConnection__fullyQualifiedNamespace"
-    )
+    servicebus_namespace: str | None = Field(default=None, alias="ServiceBusConnection__fullyQualifiedNamespace")
     keyvault_url: str | None = Field(default=None, alias="KEYVAULT_URL")
     #: Key for the embedded secret store (urlsafe base64 Fernet key); generated into the data dir if unset.
     secret_key: SecretStr | None = Field(default=None, alias="LEADWRITER_SECRET_KEY")
     http_host: str = Field(default="127.0.0.1", alias="LEADWRITER_HTTP_HOST")
     http_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=7071, alias="LEADWRITER_HTTP_PORT")
     #: Messages each stage worker handles at once (embedded runtime).
-    worker_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
-        default=16, alias="LEADWRITER_WORKER_CONCURRENCY"
-    )
+    worker_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(default=16, alias="LEADWRITER_WORKER_CONCURRENCY")
     #: Requests in flight to one publisher's CRM at once; below Dataverse's 52 concurrent requests.
     publisher_concurrency: Annotated[int, Field(ge=1, le=50)] = Field(
         default=8, alias="LEADWRITER_PUBLISHER_CONCURRENCY"
@@ -76,9 +66,7 @@ class Settings(BaseModel):
     lock_duration: Annotated[float, Field(gt=0, le=300)] = Field(default=60.0, alias="LEADWRITER_LOCK_DURATION")
     max_delivery_count: Annotated[int, Field(ge=1, le=2000)] = Field(default=10, alias="LEADWRITER_MAX_DELIVERY_COUNT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LEADWRITER_LOG_LEVEL")
-    appinsights_connection_string: SecretStr | None = Field(
-        default=None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING"
-    )
+    appinsights_connection_string: SecretStr | None = Field(default=None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
 
     @field_validator("crm_allowed_hosts", mode="before")
     @classmethod
@@ -146,5 +134,5 @@ class Settings(BaseModel):
                 "setting ServiceBusConnection__fullyQualifiedNamespace is required "
                 "when LEADWRITER_QUEUE_BACKEND=servicebus"
             )
-        if self.secret_backend == "keyvault" and not self.keyvault_url:
+        if self.secret_backend == "keyvault" and not self.keyvault_url:  # noqa: S105 - a backend name, not a secret
             raise ConfigurationError("setting KEYVAULT_URL is required when LEADWRITER_SECRET_BACKEND=keyvault")

@@ -236,7 +236,7 @@ class Pipeline:
         }[stage]
         try:
             return self._with_fresh_retry(lambda fresh: step(message, fresh))
-        except Exception as exc:  # noqa: BLE001 - every failure must become an outcome
+        except Exception as exc:
             if not isinstance(exc, LeadWriterError):
                 logger.exception("unexpected error in stage %s for message %s", stage, message.message_id)
             return outcome_for_error(exc)
@@ -334,7 +334,7 @@ class Pipeline:
                 if exc.reason not in CONFIGURATION_REASONS:
                     raise
                 return run(True)
-        except Exception as exc:  # noqa: BLE001 - a failed batch fails each of its leads the same way
+        except Exception as exc:
             if not isinstance(exc, LeadWriterError):
                 logger.exception("unexpected error writing a batch of %d leads", len(leads))
             outcome = outcome_for_error(exc)

@@ -85,20 +85,35 @@ class StatusBook:
                 " last_error_at = excluded.last_error_at,"
                 " consecutive_config_failures = CASE WHEN ? THEN consecutive_config_failures + 1"
                 " ELSE consecutive_config_failures END",
-                (publisher, description, reason if settled.action == "dead-lettered" else "transient", now, config, config),
+                (
+                    publisher,
+                    description,
+                    reason if settled.action == "dead-lettered" else "transient",
+                    now,
+                    config,
+                    config,
+                ),
             )
 
     def get(self, publisher_id: str) -> PublisherStatus:
-        row = self._db().execute(
-            "SELECT publisher_id, delivered, last_delivery, last_error, last_error_reason, last_error_at,"
-            " consecutive_config_failures FROM publisher_status WHERE publisher_id = ?",
-            (publisher_id,),
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT publisher_id, delivered, last_delivery, last_error, last_error_reason, last_error_at,"
+                " consecutive_config_failures FROM publisher_status WHERE publisher_id = ?",
+                (publisher_id,),
+            )
+            .fetchone()
+        )
         return PublisherStatus(*row) if row else PublisherStatus(publisher_id)
 
     def all(self) -> list[PublisherStatus]:
-        rows = self._db().execute(
-            "SELECT publisher_id, delivered, last_delivery, last_error, last_error_reason, last_error_at,"
-            " consecutive_config_failures FROM publisher_status ORDER BY publisher_id"
-        ).fetchall()
+        rows = (
+            self._db()
+            .execute(
+                "SELECT publisher_id, delivered, last_delivery, last_error, last_error_reason, last_error_at,"
+                " consecutive_config_failures FROM publisher_status ORDER BY publisher_id"
+            )
+            .fetchall()
+        )
         return [PublisherStatus(*row) for row in rows]

@@ -96,7 +96,11 @@ class Harness:
                 batch.append(OutgoingMessage(body=item, message_id=str(uuid.uuid4())))
             else:
                 batch.append(
-                    envelope(json.dumps(item).encode(), publisher_id=str(item.get("publisherId")), lead_id=str(item["leadId"]))
+                    envelope(
+                        json.dumps(item).encode(),
+                        publisher_id=str(item.get("publisherId")),
+                        lead_id=str(item["leadId"]),
+                    )
                 )
         self.services.transport.send(QUEUE_INCOMING, batch)
 
@@ -120,9 +124,7 @@ class Harness:
         return list_dead_letters(self.services.transport, DeadLetterFilter.build(**filters), limit=10_000)
 
     def pending(self) -> int:
-        return sum(
-            s.active + s.scheduled for s in (self.services.transport.stats(q) for q in STAGE_QUEUES)
-        )
+        return sum(s.active + s.scheduled for s in (self.services.transport.stats(q) for q in STAGE_QUEUES))
 
     def wait_for(self, predicate: Any, timeout: float = 60.0) -> None:
         assert wait_until(predicate, timeout), "condition not reached before the deadline"

@@ -196,12 +196,14 @@ class _Module:
 class _Template:
     """One Bicep file with bound parameters, evaluated lazily and memoised."""
 
-    def __init__(self, deployment: Deployment, path: Path, args: Mapping[str, object], parser: BicepParser) -> None:
+    def __init__(
+        self, deployment: Deployment, path: Path, args: Mapping[str, object], parser: BicepParser
+    ) -> None:
         self.deployment = deployment
         self.path = path
         self.args = dict(args)
         self.parser = parser
-        self.parsed: dict[str, Any] = parser.parse(file_path=path)
+        self.parsed: dict[str, Any] = dict(parser.parse(file_path=path))
         deployment.files[path] = self.parsed
         self._cache: dict[str, object] = {}
         self._busy: set[str] = set()
@@ -294,7 +296,9 @@ class _Template:
         # An unknown condition may be true when deployed: keep the resource in view.
         return value is not False
 
-    def _loop_items(self, loop_type: Mapping[str, Any], local: Mapping[str, object]) -> list[dict[str, object]]:
+    def _loop_items(
+        self, loop_type: Mapping[str, Any], local: Mapping[str, object]
+    ) -> list[dict[str, object]]:
         detail = loop_type["detail"]
         kind = loop_type["type"]
         if kind == "range":
@@ -346,7 +350,9 @@ class _Template:
             value = local[head] if head in local else self.lookup(head)
             for segment in path:
                 value = self._member(value, segment)
-            return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else match.group(0)
+            return (
+                str(value) if isinstance(value, str | int) and not isinstance(value, bool) else match.group(0)
+            )
 
         return re.sub(r"\$\{([^{}]*)\}", substitute, text)
 
@@ -447,7 +453,7 @@ class _Outputs:
 def load_deployment(infra_dir: Path | None = None) -> Deployment:
     """Parse and evaluate ``main.bicep`` and every module it reaches, with ``main.parameters.json``.
 
-    Raises ValueError (from pycep) when a Bicep file does not parse, and FileNotFoundError when a file is missing.
+    Raises ValueError (from pycep) when a Bicep file does not parse, FileNotFoundError when one is missing.
     """
     infra_dir = (infra_dir or REPO_ROOT / "infra").resolve()
     parameters_file = infra_dir / "main.parameters.json"
@@ -551,10 +557,14 @@ def check_queues(deployment: Deployment) -> list[str]:
             problems.append(f"{label}: requiresSession must be off (the stages do not use sessions)")
         window = _iso_duration(props.get("duplicateDetectionHistoryTimeWindow"))
         if window is None or window < timedelta(minutes=1):
-            problems.append(f"{label}: duplicateDetectionHistoryTimeWindow must be an ISO duration of at least PT1M")
+            problems.append(
+                f"{label}: duplicateDetectionHistoryTimeWindow must be an ISO duration of at least PT1M"
+            )
         lock = _iso_duration(props.get("lockDuration"))
         if lock is None or not timedelta(seconds=30) <= lock <= timedelta(minutes=5):
-            problems.append(f"{label}: lockDuration must be between PT30S and PT5M, is {props.get('lockDuration')!r}")
+            problems.append(
+                f"{label}: lockDuration must be between PT30S and PT5M, is {props.get('lockDuration')!r}"
+            )
         deliveries = props.get("maxDeliveryCount")
         if not isinstance(deliveries, int) or not 1 <= deliveries <= 100:
             problems.append(f"{label}: maxDeliveryCount must be an integer from 1 to 100, is {deliveries!r}")
@@ -617,7 +627,9 @@ def check_storage(deployment: Deployment) -> list[str]:
             ("minimumTlsVersion", "TLS1_2"),
         ):
             if props.get(key) != expected or props.get(key) is None:
-                problems.append(f"storage {account.where()}: {key} must be {expected!r}, is {props.get(key)!r}")
+                problems.append(
+                    f"storage {account.where()}: {key} must be {expected!r}, is {props.get(key)!r}"
+                )
         if props.get("supportsHttpsTrafficOnly") is False:
             problems.append(f"storage {account.where()}: supportsHttpsTrafficOnly must not be false")
     return problems
@@ -665,9 +677,14 @@ def check_function_app(deployment: Deployment) -> list[str]:
     runtime = config.get("runtime", {})
     if runtime != {"name": "python", "version": "3.11"}:
         problems.append(f"functionAppConfig.runtime must be python 3.11, is {runtime!r}")
-    storage = config.get("deployment", {}).get("storage", {}) if isinstance(config.get("deployment"), dict) else {}
+    storage = (
+        config.get("deployment", {}).get("storage", {}) if isinstance(config.get("deployment"), dict) else {}
+    )
     auth = storage.get("authentication", {}) if isinstance(storage, dict) else {}
-    if not isinstance(auth, dict) or auth.get("type") not in ("UserAssignedIdentity", "SystemAssignedIdentity"):
+    if not isinstance(auth, dict) or auth.get("type") not in (
+        "UserAssignedIdentity",
+        "SystemAssignedIdentity",
+    ):
         problems.append("the deployment storage container must be reached with a managed identity")
     scale = config.get("scaleAndConcurrency", {})
     scale = scale if isinstance(scale, dict) else {}
@@ -720,7 +737,9 @@ def check_app_settings(deployment: Deployment) -> list[str]:
     )
     problems.extend(f"app setting {key} is missing" for key in required if key not in settings)
     if not str(settings.get("LEADWRITER_ADMIN_KEY", "")).startswith(KEY_VAULT_REFERENCE):
-        problems.append("app setting LEADWRITER_ADMIN_KEY must be a Key Vault reference (@Microsoft.KeyVault(SecretUri=...))")
+        problems.append(
+            f"app setting LEADWRITER_ADMIN_KEY must be a Key Vault reference ({KEY_VAULT_REFERENCE}...)"
+        )
     if "Authorization=AAD" not in str(settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "")):
         problems.append("app setting APPLICATIONINSIGHTS_AUTHENTICATION_STRING must use Authorization=AAD")
     aliases = {f.alias for f in Settings.model_fields.values() if f.alias}
@@ -732,7 +751,7 @@ def check_app_settings(deployment: Deployment) -> list[str]:
         literal.setdefault(key, "resolved-at-deployment")
     try:
         Settings.from_env(literal)
-    except Exception as exc:  # noqa: BLE001 - any failure to start is the finding
+    except Exception as exc:
         problems.append(f"app settings would not start the app: {exc}")
     return problems
 
@@ -755,7 +774,7 @@ def check_rbac(deployment: Deployment) -> list[str]:
     granted: set[tuple[str, str, str]] = set()
     for assignment in deployment.of_type(ROLE_ASSIGNMENT_TYPE):
         label = assignment.where()
-        if "rbac.bicep" != assignment.file.name:
+        if assignment.file.name != "rbac.bicep":
             problems.append(f"{label}: role assignments belong in infra/app/rbac.bicep")
         raw_name = assignment.raw.get("name")
         if not (isinstance(raw_name, dict) and raw_name.get("function", {}).get("type") == "guid"):
@@ -833,7 +852,9 @@ def check_no_secrets(deployment: Deployment) -> list[str]:
             if leaked:
                 problems.append(f"{path.name}: output {name} exposes secure parameter {sorted(leaked)}")
             if output.get("type") == "securestring" or re.search(r"(password|secret$|key$)", name, re.I):
-                problems.append(f"{path.name}: output {name} looks like a secret; outputs carry names and endpoints")
+                problems.append(
+                    f"{path.name}: output {name} looks like a secret; outputs carry names and endpoints"
+                )
         for name in secure:
             default = parsed["parameters"][name].get("default")
             if isinstance(default, str) and default:
@@ -842,7 +863,9 @@ def check_no_secrets(deployment: Deployment) -> list[str]:
         raw_value = secret.raw.get("properties", {}).get("value")
         secure = _secure_params(deployment.files[secret.file])
         if not (isinstance(raw_value, BicepElement) and str(raw_value) in secure):
-            problems.append(f"{secret.where()}: a Key Vault secret's value must come from a @secure() parameter")
+            problems.append(
+                f"{secret.where()}: a Key Vault secret's value must come from a @secure() parameter"
+            )
     try:
         settings = bicep_app_settings(deployment)
     except LookupError:
@@ -869,6 +892,9 @@ def check_suppressions(infra_dir: Path) -> list[str]:
             checks, reason = match.group(1), (match.group(2) or "").strip()
             if not checks:
                 problems.append(f"{path.name}:{number}: checkov:skip without a check id")
+            elif "," in checks:
+                # checkov's Bicep runner takes the whole list as one unknown id and skips nothing.
+                problems.append(f"{path.name}:{number}: one check id per checkov:skip line, not {checks}")
             if len(reason) < MIN_REASON_LENGTH:
                 problems.append(f"{path.name}:{number}: checkov:skip={checks} without a reason (`: why`)")
     return problems
@@ -880,7 +906,9 @@ def check_host_json(deployment: Deployment, host_json: Path) -> list[str]:
     bus = host.get("extensions", {}).get("serviceBus", {})
     problems = []
     if bus.get("autoCompleteMessages") is not False:
-        problems.append("host.json: extensions.serviceBus.autoCompleteMessages must be false (the stages settle)")
+        problems.append(
+            "host.json: extensions.serviceBus.autoCompleteMessages must be false (the stages settle)"
+        )
     renewal = _timespan(bus.get("maxAutoLockRenewalDuration"))
     timeout = _timespan(host.get("functionTimeout"))
     if renewal is None:
@@ -902,7 +930,10 @@ def check_host_json(deployment: Deployment, host_json: Path) -> list[str]:
         if lock is None:
             continue
         if renewal is not None and lock > renewal:
-            problems.append(f"queue {queue.name}: lockDuration {lock} exceeds host.json maxAutoLockRenewalDuration {renewal}")
+            problems.append(
+                f"queue {queue.name}: lockDuration {lock} exceeds host.json "
+                f"maxAutoLockRenewalDuration {renewal}"
+            )
         if lock <= one_request:
             problems.append(
                 f"queue {queue.name}: lockDuration {lock} does not outlast one CRM request "
@@ -960,7 +991,18 @@ def run_checkov(infra_dir: Path, checkov: Path = CHECKOV) -> list[str]:
     """
     if not checkov.exists():
         raise FileNotFoundError(f"{checkov} (run `make infra-check` to install it)")
-    command = [str(checkov), "-d", str(infra_dir), "--framework", "bicep", "--skip-download", "--compact", "--quiet", "-o", "json"]
+    command = [
+        str(checkov),
+        "-d",
+        str(infra_dir),
+        "--framework",
+        "bicep",
+        "--skip-download",
+        "--compact",
+        "--quiet",
+        "-o",
+        "json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     if result.returncode not in (0, 1):
         return [f"checkov failed ({result.returncode}): {result.stderr.strip()[-2000:]}"]
@@ -978,9 +1020,11 @@ def run_checkov(infra_dir: Path, checkov: Path = CHECKOV) -> list[str]:
         for failed in report.get("results", {}).get("failed_checks", []):
             lines = failed.get("file_line_range") or []
             span = f":{lines[0]}-{lines[1]}" if len(lines) == 2 else ""
+            check_id = failed["check_id"]
             problems.append(
-                f"checkov {failed['check_id']} ({failed.get('check_name')}) failed for {failed.get('resource')} "
-                f"at {failed.get('file_path')}{span}: fix it, or justify it with `// checkov:skip={failed['check_id']}: reason`"
+                f"checkov {check_id} ({failed.get('check_name')}) failed for {failed.get('resource')} "
+                f"at {failed.get('file_path')}{span}: fix it, or justify it with "
+                f"`// checkov:skip={check_id}: reason`"
             )
     return problems
 
@@ -990,10 +1034,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--root", type=Path, default=REPO_ROOT)
     parser.add_argument("--no-checkov", action="store_true", help="skip checkov (pycep checks only)")
+    parser.add_argument("--checkov", type=Path, default=CHECKOV, help="the checkov executable")
     options = parser.parse_args(argv)
     problems = run_all(options.root)
     if not options.no_checkov:
-        problems.extend(run_checkov(options.root / "infra"))
+        problems.extend(run_checkov(options.root / "infra", options.checkov))
     for problem in problems:
         print(f"infra-check: {problem}")
     print(f"infra-check: {'FAILED' if problems else 'ok'} ({len(problems)} problem(s))")

@@ -261,6 +261,20 @@ def test_waiting_receiver_is_woken_by_an_abandon(
     assert delivered == [("again", 2)]
 
 
+def test_waiting_receivers_all_see_messages_another_broker_sent(broker_factory: BrokerFactory) -> None:
+    # A second broker on the file stands in for another process: its sends wake nobody here, so
+    # the one polling receiver must find them and hand the polling on until every waiter is served.
+    here, elsewhere = broker_factory(), broker_factory()
+    results: list[object] = []
+    threads = [receive_in_thread(here, QUEUE, results) for _ in range(5)]
+
+    elsewhere.send(QUEUE, [message(f"m{i}") for i in range(5)])
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert sorted(m.message_id for m in results if isinstance(m, ReceivedMessage)) == [f"m{i}" for i in range(5)]
+
+
 def test_closing_the_broker_ends_a_waiting_receive(
     broker: EmbeddedBroker, receiver_waiting: threading.Event
 ) -> None:
@@ -274,6 +288,19 @@ def test_closing_the_broker_ends_a_waiting_receive(
     assert not thread.is_alive()
     assert len(results) == 1
     assert isinstance(results[0], RuntimeError)
+
+
+def test_connections_of_finished_threads_are_closed_not_kept(broker: EmbeddedBroker) -> None:
+    def use() -> None:
+        broker.receive(QUEUE)
+
+    for _ in range(5):
+        thread = threading.Thread(target=use)
+        thread.start()
+        thread.join(timeout=20)
+
+    # Each new connection retires those of finished threads: the main thread's and the last one's remain.
+    assert len(broker._connections) == 2
 
 
 def test_closed_broker_refuses_work(broker: EmbeddedBroker) -> None:

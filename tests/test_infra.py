@@ -80,10 +80,13 @@ def test_host_json_renews_locks_for_the_whole_function_timeout(deployment: check
     assert bus["autoCompleteMessages"] is False
     renewal = checks._timespan(bus["maxAutoLockRenewalDuration"])
     timeout = checks._timespan(host["functionTimeout"])
-    assert renewal is not None and timeout is not None and renewal >= timeout
+    assert renewal is not None
+    assert timeout is not None
+    assert renewal >= timeout
     for queue in deployment.of_type(checks.QUEUE_TYPE):
         lock = checks._iso_duration(queue.properties["lockDuration"])
-        assert lock is not None and lock <= renewal
+        assert lock is not None
+        assert lock <= renewal
 
 
 def test_the_app_identity_gets_receive_and_send_on_each_queue_and_nothing_namespace_wide(
@@ -93,7 +96,8 @@ def test_the_app_identity_gets_receive_and_send_on_each_queue_and_nothing_namesp
     for assignment in deployment.of_type(checks.ROLE_ASSIGNMENT_TYPE):
         role = checks.GUID.search(str(assignment.properties["roleDefinitionId"]))
         scope = assignment.config.get("scope")
-        assert role is not None and isinstance(scope, checks.ResourceRef)
+        assert role is not None
+        assert isinstance(scope, checks.ResourceRef)
         grants.add((role.group(0), scope.type, str(scope.name)))
     for queue in names.STAGE_QUEUES:
         assert (checks.SB_DATA_RECEIVER, checks.QUEUE_TYPE, queue) in grants
@@ -107,12 +111,22 @@ resource namespaceOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(serviceBus.id, appPrincipalId, '090c5cfd-751d-490a-894a-3ce6f1109419')
   scope: serviceBus
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '090c5cfd-751d-490a-894a-3ce6f1109419')
+    roleDefinitionId: subscriptionResourceId(
+      'Microsoft.Authorization/roleDefinitions', '090c5cfd-751d-490a-894a-3ce6f1109419')
     principalId: appPrincipalId
     principalType: 'ServicePrincipal'
   }
 }
 """
+
+ACCESS_POLICIES = """enableRbacAuthorization: true
+    accessPolicies: [
+      {
+        tenantId: subscription().tenantId
+        objectId: '00000000-0000-0000-0000-000000000000'
+        permissions: { secrets: ['get'] }
+      }
+    ]"""
 
 Check = Callable[[checks.Deployment], list[str]]
 
@@ -145,7 +159,8 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
         "storage_connection_string_setting",
         "infra/app/api.bicep",
         "KEYVAULT_URL: keyVaultUri",
-        "KEYVAULT_URL: keyVaultUri\n      LEGACY_STORAGE: 'DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc'",
+        "KEYVAULT_URL: keyVaultUri\n"
+        "      LEGACY_STORAGE: 'DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc'",
         checks.check_no_secrets,
         "AccountKey=",
     ),
@@ -153,7 +168,8 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
         "service_bus_connection_string_setting",
         "infra/app/api.bicep",
         "ServiceBusConnection__credential: 'managedidentity'",
-        "ServiceBusConnection__credential: 'managedidentity'\n      ServiceBusConnection: serviceBusNamespaceFqdn",
+        "ServiceBusConnection__credential: 'managedidentity'\n"
+        "      ServiceBusConnection: serviceBusNamespaceFqdn",
         checks.check_no_secrets,
         "connection string",
     ),
@@ -185,8 +201,7 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
         "key_vault_with_access_policies",
         "infra/core/security/keyvault.bicep",
         "enableRbacAuthorization: true",
-        "enableRbacAuthorization: true\n    accessPolicies: [\n      {\n        tenantId: subscription().tenantId\n"
-        "        objectId: '00000000-0000-0000-0000-000000000000'\n        permissions: { secrets: ['get'] }\n      }\n    ]",
+        ACCESS_POLICIES,
         checks.check_key_vault,
         "accessPolicies",
     ),
@@ -322,23 +337,41 @@ def test_broken_variant_is_reported_by_its_check(
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        pytest.param('"maxAutoLockRenewalDuration": "00:05:00"', '"maxAutoLockRenewalDuration": "00:02:00"',
-                     "shorter than functionTimeout", id="renewal_shorter_than_timeout"),
-        pytest.param('"maxAutoLockRenewalDuration": "00:05:00"', '"maxAutoLockRenewalDuration": "00:00:30"',
-                     "exceeds host.json maxAutoLockRenewalDuration", id="lock_longer_than_renewal"),
-        pytest.param('"autoCompleteMessages": false', '"autoCompleteMessages": true',
-                     "autoCompleteMessages", id="host_completes_messages_itself"),
+        pytest.param(
+            '"maxAutoLockRenewalDuration": "00:05:00"',
+            '"maxAutoLockRenewalDuration": "00:02:00"',
+            "shorter than functionTimeout",
+            id="renewal_shorter_than_timeout",
+        ),
+        pytest.param(
+            '"maxAutoLockRenewalDuration": "00:05:00"',
+            '"maxAutoLockRenewalDuration": "00:00:30"',
+            "exceeds host.json maxAutoLockRenewalDuration",
+            id="lock_longer_than_renewal",
+        ),
+        pytest.param(
+            '"autoCompleteMessages": false',
+            '"autoCompleteMessages": true',
+            "autoCompleteMessages",
+            id="host_completes_messages_itself",
+        ),
     ],
 )
-def test_host_json_out_of_step_with_the_queues_is_reported(copy: Path, old: str, new: str, expected: str) -> None:
+def test_host_json_out_of_step_with_the_queues_is_reported(
+    copy: Path, old: str, new: str, expected: str
+) -> None:
     edit(copy, "host.json", old, new)
     problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
     assert any(expected in problem for problem in problems), problems
 
 
 def test_a_lock_shorter_than_one_crm_request_is_reported(copy: Path) -> None:
-    edit(copy, "infra/main.bicep", "{ name: 'leads-ready', lockDuration: 'PT1M' }",
-         "{ name: 'leads-ready', lockDuration: 'PT30S' }")
+    edit(
+        copy,
+        "infra/main.bicep",
+        "{ name: 'leads-ready', lockDuration: 'PT1M' }",
+        "{ name: 'leads-ready', lockDuration: 'PT30S' }",
+    )
     problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
     assert any("does not outlast one CRM request" in problem for problem in problems), problems
 
@@ -351,9 +384,12 @@ def test_azure_yaml_must_deploy_api_as_a_python_function(copy: Path) -> None:
 
 
 def test_a_checkov_suppression_without_a_reason_is_reported(copy: Path) -> None:
-    edit(copy, "infra/core/host/appserviceplan.bicep",
-         "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n",
-         "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n  // checkov:skip=CKV_AZURE_211\n")
+    edit(
+        copy,
+        "infra/core/host/appserviceplan.bicep",
+        "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n",
+        "resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {\n  // checkov:skip=CKV_AZURE_211\n",
+    )
     problems = checks.check_suppressions(copy / "infra")
     assert problems == ["appserviceplan.bicep:7: checkov:skip=CKV_AZURE_211 without a reason (`: why`)"]
 

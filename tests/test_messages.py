@@ -12,8 +12,14 @@ from shared.transport.base import ReceivedMessage
 
 def _received(props: dict[str, str | int], message_id: str = "lead-1") -> ReceivedMessage:
     return ReceivedMessage(
-        queue="leads-incoming", body=b"{}", message_id=message_id, application_properties=props,
-        content_type="application/json", delivery_count=1, enqueued_time=datetime.now(UTC), sequence_number=1,
+        queue="leads-incoming",
+        body=b"{}",
+        message_id=message_id,
+        application_properties=props,
+        content_type="application/json",
+        delivery_count=1,
+        enqueued_time=datetime.now(UTC),
+        sequence_number=1,
     )
 
 
@@ -28,8 +34,10 @@ def test_hop_message_id_is_deterministic_and_distinct_per_copy(replay: int, atte
 def test_long_lead_ids_are_shortened_to_the_service_bus_limit_without_colliding() -> None:
     a = hop_message_id("x" * 300 + "a", attempt=2)
     b = hop_message_id("x" * 300 + "b", attempt=2)
-    assert len(a) <= MAX_MESSAGE_ID and len(b) <= MAX_MESSAGE_ID
-    assert a != b and a.endswith(".a2")
+    assert len(a) <= MAX_MESSAGE_ID
+    assert len(b) <= MAX_MESSAGE_ID
+    assert a != b
+    assert a.endswith(".a2")
 
 
 def test_envelope_carries_publisher_lead_and_attempt() -> None:

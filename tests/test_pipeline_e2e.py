@@ -30,9 +30,16 @@ def test_varied_leads_for_several_publishers_are_each_written_exactly_once(
             if n % 11 == 0:
                 extra = {"Description": "needs a demo 🚀 " * 300}
             messages.append(lead_message(publisher, n, **extra))
-        messages.append({"leadId": "test-lead", "publisherId": publishers[0],
-                         "lead": {"UserDetails": {"FirstName": "MSFT_TEST_636573304831318844"},
-                                  "LeadSource": "AzureMarketplace-INS|contoso.widget-saas"}})
+        messages.append(
+            {
+                "leadId": "test-lead",
+                "publisherId": publishers[0],
+                "lead": {
+                    "UserDetails": {"FirstName": "MSFT_TEST_636573304831318844"},
+                    "LeadSource": "AzureMarketplace-INS|contoso.widget-saas",
+                },
+            }
+        )
         h.send(messages)
         h.start()
         expected = Counter(str(m["publisherId"]) for m in messages)
@@ -55,7 +62,10 @@ def test_varied_leads_for_several_publishers_are_each_written_exactly_once(
         (b"{not json", "JSON"),
         (b"[1, 2, 3]", "object"),
         (json.dumps({"leadId": "x1", "publisherId": "contoso", "lead": {"UserDetails": []}}).encode(), "UserDetails"),
-        (json.dumps({"leadId": "x2", "publisherId": "contoso", "lead": {"UserDetails": {"Country": "US"}}}).encode(), "contact"),
+        (
+            json.dumps({"leadId": "x2", "publisherId": "contoso", "lead": {"UserDetails": {"Country": "US"}}}).encode(),
+            "contact",
+        ),
         (json.dumps({"leadId": "x3", "lead": {"UserDetails": {"Email": "a@b.c"}}}).encode(), "publisherId"),
         (b"{" + b'"pad": "' + b"x" * 300_000 + b'"}', "over the limit"),
     ],

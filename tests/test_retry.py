@@ -38,7 +38,8 @@ def test_next_retry_gives_up_once_the_schedule_is_spent(attempt: int) -> None:
 def test_retry_after_is_never_shortened_by_jitter() -> None:
     for rand in (0.0, 0.3, 0.99):
         delay = next_retry(1, 7.0, rand=lambda r=rand: r).delay
-        assert delay is not None and delay >= 7.0
+        assert delay is not None
+        assert delay >= 7.0
 
 
 def test_the_schedule_grows_and_spans_hours() -> None:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 5
 _BODY_PARSE_DETAIL = "There was an error parsing the body"
 _STATUS_TEXT = {404: "not found", 405: "method not allowed"}
+_AUTH_KINDS = frozenset({"password", "clientSecret"})
 _LOCATION_KINDS = frozenset({"body", "query", "path", "header", "cookie"})
 
 
@@ -58,6 +59,10 @@ def field_of(location: Sequence[int | str]) -> str:
         parts = parts[1:]
     # A JSON decode error's location is the character offset, which names no field.
     parts = [part for part in parts if not part.isdigit()] if parts[:1] and parts[0].isdigit() else parts
+    # pydantic puts the tag of a discriminated union in the location (auth.password.username): drop it.
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index - 1] == "auth" and parts[index] in _AUTH_KINDS:
+            del parts[index]
     return ".".join(parts) or "body"
 
 

@@ -420,11 +420,8 @@ class DataverseApp:
             problem = _check_values(body, org.lead_source_codes)
             if problem is not None:
                 return problem
-            if existing is None:
-                record = {**_columns(body), "leadid": lead_id}
-            else:
-                # A new dict, never an in-place change: a change set's snapshot must stay intact.
-                record = {**existing, **_columns(body)}
+            # A new dict, never an in-place change: a change set's snapshot must stay intact.
+            record = {**_columns(body), "leadid": lead_id} if existing is None else {**existing, **_columns(body)}
             org.leads[lead_id] = record
         return self._written(call, record, created=existing is None)
 

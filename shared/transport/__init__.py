@@ -67,4 +67,8 @@ def make_transport(settings: Settings) -> Transport:
             )
         return ServiceBusTransport(settings.servicebus_namespace, DefaultAzureCredential())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return EmbeddedBroker(settings.data_dir / BROKER_FILE)
+    return EmbeddedBroker(
+        settings.data_dir / BROKER_FILE,
+        lock_duration=settings.lock_duration,
+        max_delivery_count=settings.max_delivery_count,
+    )

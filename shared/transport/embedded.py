@@ -161,11 +161,18 @@ class QueueConfig:
 
 
 class _Signal:
-    """Wakes receivers of one (sub-)queue in this process; ``generation`` closes the lost-wakeup gap."""
+    """Wakes receivers of one (sub-)queue in this process; ``generation`` closes the lost-wakeup gap.
+
+    Of the receivers waiting here, only the ``poller`` looks at the database every POLL_INTERVAL
+    (for other processes' sends, expired locks, due schedules); the others sleep until woken, so
+    idle cost does not grow with the number of worker threads. A receiver that leaves while no one
+    polls wakes a successor, so messages only the poller could see reach every waiter.
+    """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.generation = 0
+        self.poller: int | None = None
 
 
 def _utc(timestamp: float) -> datetime:
@@ -204,7 +211,7 @@ class EmbeddedBroker:
         self._clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._configs: dict[str, QueueConfig] = {}
         self._signals: dict[tuple[str, int], _Signal] = {}
         self._next_prune = 0.0
@@ -236,7 +243,15 @@ class EmbeddedBroker:
             # Safe against a crash of any process (see module docstring); only an OS crash can lose
             # the last commits.
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._connections.append(conn)
+            # A thread that ended cannot use its connection again: close it rather than leak it.
+            alive = []
+            for thread, old in self._connections:
+                if thread.is_alive():
+                    alive.append((thread, old))
+                else:
+                    old.close()
+            alive.append((threading.current_thread(), conn))
+            self._connections = alive
         self._local.conn = conn
         return conn
 
@@ -258,7 +273,7 @@ class EmbeddedBroker:
             self._closed = True
             connections, self._connections = self._connections, []
             signals = list(self._signals.values())
-        for conn in connections:
+        for _, conn in connections:
             conn.close()
         for signal in signals:
             with signal.cond:
@@ -402,17 +417,28 @@ class EmbeddedBroker:
             raise ValueError("max_messages must be at least 1")
         deadline = time.monotonic() + max(0.0, max_wait)
         signal = self._signal(queue, state)
-        while True:
-            seen = signal.generation
-            received = self._claim(queue, state, max_messages)
-            if received:
-                return received
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
+        me = threading.get_ident()
+        try:
+            while True:
+                seen = signal.generation
+                received = self._claim(queue, state, max_messages)
+                if received:
+                    return received
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                with signal.cond:
+                    if signal.generation == seen and not self._closed:
+                        if signal.poller is None:
+                            signal.poller = me
+                        signal.cond.wait(min(remaining, POLL_INTERVAL) if signal.poller == me else remaining)
+        finally:
+            # Leaving: if nobody polls now, wake a waiter to take over (it also takes what we left).
             with signal.cond:
-                if signal.generation == seen and not self._closed:
-                    signal.cond.wait(min(remaining, POLL_INTERVAL))
+                if signal.poller == me:
+                    signal.poller = None
+                if signal.poller is None:
+                    signal.cond.notify(1)
 
     def _claim(self, queue: str, state: int, max_messages: int) -> list[ReceivedMessage]:
         conn = self._conn()

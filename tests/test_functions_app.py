@@ -1,0 +1,142 @@
+"""The Azure Functions adapters: registered bindings, and the stage triggers called with real SDK messages.
+
+The Functions host cannot run here; these tests call the registered trigger functions the way the
+Python worker would, with the SDK's own ``ServiceBusReceivedMessage`` (as the servicebus binding
+extension hands it over: decoded from AMQP, no receiver) and a recording stand-in for the host's
+``ServiceBusMessageActions`` (settlement over gRPC to the host — a seam we do not own a fake of).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+import function_app
+from functions import _host
+from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, SERVICEBUS_CONNECTION
+from shared.simulator import CrmSimulator
+from tests.harness import Harness, lead_message
+from tests.test_servicebus_adapter import sdk_message
+
+
+@functools.cache
+def registered() -> dict[str, Any]:
+    # get_functions() may be called once per app object (a second call raises a duplicate-name error).
+    return {fn.get_function_name(): fn for fn in function_app.app.get_functions()}
+
+
+@pytest.mark.parametrize(
+    ("name", "queue"),
+    [("validate_credentials", QUEUE_INCOMING), ("check_solution", QUEUE_VALIDATED), ("write_lead", QUEUE_READY)],
+)
+def test_each_stage_is_a_service_bus_trigger_on_its_queue_by_connection_setting(name: str, queue: str) -> None:
+    trigger = registered()[name].get_trigger().get_dict_repr()
+    assert trigger["type"] == "serviceBusTrigger"
+    assert trigger["queueName"] == queue
+    assert trigger["connection"] == SERVICEBUS_CONNECTION
+    assert trigger["autoCompleteMessages"] is False
+
+
+def test_the_http_api_is_one_anonymous_catch_all_http_trigger() -> None:
+    trigger = registered()["http_api"].get_trigger().get_dict_repr()
+    assert trigger["type"] == "httpTrigger"
+    assert trigger["route"] == "{*route}"
+    assert str(trigger["authLevel"].value) == func.AuthLevel.ANONYMOUS.value
+    assert set(registered()) == {"validate_credentials", "check_solution", "write_lead", "http_api"}
+
+
+class RecordingActions:
+    """Records settlement calls and what the broker held at the moment of each."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.harness = harness
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def _snapshot(self) -> dict[str, Any]:
+        transport = self.harness.services.transport
+        return {q: transport.stats(q).active for q in (QUEUE_VALIDATED, QUEUE_READY)}
+
+    def complete(self, message: Any) -> None:
+        self.calls.append(("complete", {"queues": self._snapshot(), "message_id": message.message_id}))
+
+    def deadletter(
+        self, message: Any, deadletter_reason: str | None = None, deadletter_error_description: str | None = None
+    ) -> None:
+        self.calls.append(("deadletter", {"reason": deadletter_reason, "description": deadletter_error_description}))
+
+
+@pytest.fixture
+def functions_host(simulator: CrmSimulator, tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(simulator, tmp_path)
+    host = _host.Host(harness.settings, harness.services.pipeline, harness.services.transport)
+    original = _host.host
+    _host.host = lambda: host  # type: ignore[assignment]
+    try:
+        yield harness
+    finally:
+        _host.host = original  # type: ignore[assignment]
+        harness.services.close()
+
+
+def _trigger(name: str) -> Any:
+    return registered()[name].get_user_function()
+
+
+def test_a_valid_lead_is_forwarded_before_the_trigger_message_is_completed(functions_host: Harness) -> None:
+    publisher = functions_host.publisher()
+    body = json.dumps(lead_message(publisher, 1)).encode()
+    message = sdk_message(
+        None,
+        message_id=f"{publisher}-00001",
+        body=body,
+        properties={"publisherId": publisher, "leadId": f"{publisher}-00001", "attempt": 1},
+    )
+    actions = RecordingActions(functions_host)
+
+    _trigger("validate_credentials")(message, actions)
+
+    [(action, details)] = actions.calls
+    assert action == "complete"
+    assert details["queues"][QUEUE_VALIDATED] == 1, "the forward was sent before the complete"
+
+
+def test_a_malformed_lead_is_dead_lettered_at_once_with_its_reason(functions_host: Harness) -> None:
+    message = sdk_message(
+        None,
+        message_id="bad-1",
+        body=b'{"publisherId": "contoso", "lead": []}',
+        properties={"publisherId": "contoso", "leadId": "bad-1"},
+    )
+    actions = RecordingActions(functions_host)
+
+    _trigger("validate_credentials")(message, actions)
+
+    [(action, details)] = actions.calls
+    assert action == "deadletter"
+    assert details["reason"] == "InvalidLead"
+    assert "lead" in details["description"]
+
+
+def test_the_write_trigger_delivers_the_lead_to_the_crm(functions_host: Harness, simulator: CrmSimulator) -> None:
+    from shared.lead import parse_incoming
+
+    publisher = functions_host.publisher()
+    normalised = parse_incoming(json.dumps(lead_message(publisher, 3)).encode()).to_body()
+    message = sdk_message(
+        None,
+        message_id=f"{publisher}-00003",
+        body=normalised,
+        properties={"publisherId": publisher, "leadId": f"{publisher}-00003", "attempt": 1},
+    )
+    actions = RecordingActions(functions_host)
+
+    _trigger("write_lead")(message, actions)
+
+    assert [a for a, _ in actions.calls] == ["complete"]
+    assert len(simulator.leads(publisher)) == 1

@@ -1,0 +1,109 @@
+"""Crash safety and publisher isolation of the embedded runtime, against the CRM simulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.runtime import wait_until
+from shared.simulator import CrmSimulator
+from tests.harness import FAST_ENV, Harness, lead_message, running
+
+
+def _worker_env(harness: Harness) -> dict[str, str]:
+    settings = harness.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEADWRITER_", "AZURE_", "REQUESTS_CA"))}
+    env.update(FAST_ENV)
+    env.update(
+        {
+            "LEADWRITER_DATA_DIR": str(settings.data_dir),
+            "LEADWRITER_CRM_ALLOWED_HOSTS": ",".join(settings.crm_allowed_hosts),
+            "AZURE_AUTHORITY_HOST": settings.authority_host,
+            "REQUESTS_CA_BUNDLE": str(settings.ca_bundle),
+            # A killed worker's locks lapse quickly, so its messages come back within the test.
+            "LEADWRITER_LOCK_DURATION": "1",
+            "LEADWRITER_MAX_DELIVERY_COUNT": "50",
+            "LEADWRITER_WORKER_CONCURRENCY": "8",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_killing_a_worker_mid_flight_loses_nothing_and_writes_nothing_twice(
+    simulator: CrmSimulator, tmp_path: Path, worker_processes: list[subprocess.Popen[bytes]]
+) -> None:
+    with running(simulator, tmp_path) as h:
+        publisher = h.publisher()
+        simulator.faults(publisher).latency = 0.02  # work is in flight when the kill lands
+        total = 300
+        h.send([lead_message(publisher, n) for n in range(total)])
+        env = _worker_env(h)
+
+        def start() -> subprocess.Popen[bytes]:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "serve", "--no-api"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            worker_processes.append(process)
+            return process
+
+        for threshold in (40, 120):
+            process = start()
+            assert wait_until(lambda t=threshold: len(h.written(publisher)) >= t, 90), "worker made no progress"
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(10) == -signal.SIGKILL
+            assert len(h.written(publisher)) < total, "the kill landed before the work was done"
+
+        process = start()
+        h.wait_for(lambda: len(h.written(publisher)) == total and h.pending() == 0, timeout=120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, "SIGTERM stops the worker gracefully"
+
+        ids = [record["leadid"] for record in h.written(publisher)]
+        assert len(ids) == len(set(ids)) == total
+        assert h.dead_letters() == []
+
+
+def test_a_hanging_crm_does_not_hold_up_another_publishers_leads(simulator: CrmSimulator, tmp_path: Path) -> None:
+    with running(simulator, tmp_path, LEADWRITER_CRM_READ_TIMEOUT="3") as h:
+        stuck, healthy = h.publisher(), h.publisher()
+        simulator.faults(stuck).hang_next(10_000, seconds=6)
+        # The stuck publisher's leads are at the head of the queue.
+        h.send([lead_message(stuck, n) for n in range(40)] + [lead_message(healthy, n) for n in range(40)])
+        h.start(concurrency=8, publisher_concurrency=4)
+
+        h.wait_for(lambda: len(h.written(healthy)) == 40, timeout=60)
+        assert h.written(stuck) == [], "every request to the stuck CRM still hangs"
+
+        simulator.faults(stuck).clear()
+        h.wait_for(lambda: len(h.written(stuck)) == 40, timeout=90)
+        assert h.dead_letters() == []
+
+
+def test_a_throttled_publisher_does_not_slow_the_others(simulator: CrmSimulator, tmp_path: Path) -> None:
+    with running(simulator, tmp_path) as h:
+        throttled, others = h.publisher(), [h.publisher() for _ in range(3)]
+        simulator.faults(throttled).throttle_next(1, retry_after=30)
+        h.send([lead_message(p, n) for n in range(20) for p in [throttled, *others]])
+        h.start()
+        h.wait_for(lambda: all(len(h.written(p)) == 20 for p in others), timeout=60)
+        assert len(h.written(throttled)) == 0, "the throttled publisher waits out its 30 s penalty"
+        assert simulator.requests(throttled).during_penalty == 0

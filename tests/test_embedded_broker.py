@@ -437,6 +437,32 @@ def test_dead_letters_filter_by_reason_publisher_and_limit(broker: EmbeddedBroke
     assert broker.queue_names() == [QUEUE]
 
 
+def test_pending_count_counts_one_publishers_unfinished_messages(
+    broker_factory: BrokerFactory, fake_clock: FakeClock
+) -> None:
+    broker = broker_factory(clock=fake_clock)
+    later = datetime.fromtimestamp(fake_clock() + 60, UTC)
+    broker.send(
+        QUEUE,
+        [
+            message("visible", "alpha"),
+            message("locked", "alpha"),
+            message("done", "alpha"),
+            message("dead", "alpha"),
+            message("scheduled", "alpha", scheduled_enqueue_time=later),
+            message("other", "beta"),
+        ],
+    )
+    by_id = {m.message_id: m for m in broker.receive(QUEUE, max_messages=4)}
+    broker.abandon(by_id["visible"])
+    broker.complete(by_id["done"])
+    broker.dead_letter(by_id["dead"], "LeadRejected", "400")
+
+    assert broker.pending_count(QUEUE, "alpha") == 3
+    assert broker.pending_count(QUEUE, "beta") == 1
+    assert broker.pending_count("leads-incoming", "alpha") == 0
+
+
 # -- wiring ----------------------------------------------------------------------------------------
 
 

@@ -159,7 +159,8 @@ class _PooledReceiver:
     def __init__(self, handler: ServiceBusReceiver) -> None:
         self.handler = handler
         self.lock = threading.Lock()
-        #: lock token → locked until, for the messages this receiver delivered and nobody settled yet.
+        #: lock token → locked until, for the messages this receiver delivered and nobody settled yet
+        #: (guarded by the transport's lock, not this receiver's).
         self.held: dict[str, datetime] = {}
 
     def holds_locks(self, now: datetime) -> bool:
@@ -271,19 +272,18 @@ class ServiceBusTransport:
             received = receiver.handler.receive_messages(
                 max_message_count=max_messages, max_wait_time=max(max_wait, MIN_RECEIVE_WAIT)
             )
-            converted = [
-                from_service_bus_message(message, queue, from_dead_letter=dead_letter, peeked=False)
-                for message in received
-            ]
-            far_future = datetime.max.replace(tzinfo=UTC)
-            for message in converted:
-                if message.lock_token is not None:
-                    receiver.held[message.lock_token] = message.locked_until or far_future
         finally:
             receiver.lock.release()
+        converted = [
+            from_service_bus_message(message, queue, from_dead_letter=dead_letter, peeked=False)
+            for message in received
+        ]
+        far_future = datetime.max.replace(tzinfo=UTC)
         with self._lock:
-            for delivered in received:
+            for delivered, message in zip(received, converted, strict=True):
                 self._owners[delivered] = receiver
+                if message.lock_token is not None:
+                    receiver.held[message.lock_token] = message.locked_until or far_future
         return converted
 
     def receive(self, queue: str, max_messages: int = 1, max_wait: float = 0.0) -> list[ReceivedMessage]:
@@ -326,11 +326,13 @@ class ServiceBusTransport:
             try:
                 result = action(receiver.handler, raw)
             except (MessageLockLostError, MessageAlreadySettled) as exc:
-                receiver.held.pop(token, None)
+                with self._lock:
+                    receiver.held.pop(token, None)
                 raise LockLost(
                     f"the lock on message {message.message_id} (sequence {message.sequence_number}) "
                     f"on {message.queue} expired or the message was settled already"
                 ) from exc
+        with self._lock:
             if not renews:
                 receiver.held.pop(token, None)
             elif isinstance(result, datetime):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from azure.servicebus import ServiceBusReceivedMessage as SdkReceivedMessage
@@ -88,3 +89,35 @@ def run_stage(
         started=started,
         schedule=current.settings.retry_schedule,
     )
+
+
+def run_write_batch(
+    sdk_messages: Sequence[SdkReceivedMessage], actions: MessageActions, *, using: Host | None = None
+) -> list[Settled]:
+    """The write stage for a batch the trigger delivered: one ``$batch`` per publisher, then each message
+    settled on its own. A message whose settlement fails is left locked (redelivered after its lock
+    expires; the idempotent write makes that safe) and the others are still settled."""
+    current = using or host()
+    started = time.monotonic()
+    messages = [
+        from_service_bus_message(m, STAGES["write_lead"], from_dead_letter=False, peeked=False) for m in sdk_messages
+    ]
+    settled: list[Settled] = []
+    for sdk_message, message, outcome in zip(
+        sdk_messages, messages, current.pipeline.write_leads(messages), strict=True
+    ):
+        try:
+            settled.append(
+                settle(
+                    "write_lead",
+                    message,
+                    outcome,
+                    sender=current.sender,
+                    settler=ActionsSettler(actions, sdk_message),
+                    started=started,
+                    schedule=current.settings.retry_schedule,
+                )
+            )
+        except Exception:  # one failed settlement must not strand the rest of the batch
+            logger.exception("settling message %s failed; it is redelivered after its lock expires", message.message_id)
+    return settled

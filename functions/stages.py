@@ -10,7 +10,7 @@ queue names from :mod:`shared.names`, never values read from the environment.
 import azure.functions as func
 import azurefunctions.extensions.bindings.servicebus as servicebus
 
-from functions._host import run_stage
+from functions._host import run_stage, run_write_batch
 from shared.names import SERVICEBUS_CONNECTION
 from shared.stages import STAGES
 
@@ -34,6 +34,27 @@ def stage_blueprint(stage: str) -> func.Blueprint:
     return bp
 
 
+def write_blueprint() -> func.Blueprint:
+    """The write stage takes the messages the host has in a batch (``maxMessageBatchSize`` in host.json),
+    so a backlog goes to the CRM as ``$batch`` requests — about 0.1 CRM requests per lead instead of 1."""
+    bp = func.Blueprint()  # type: ignore[no-untyped-call]  # azure-functions is untyped here
+
+    @bp.function_name("write_lead")
+    @bp.service_bus_queue_trigger(
+        arg_name="messages",
+        queue_name=STAGES["write_lead"],
+        connection=SERVICEBUS_CONNECTION,
+        auto_complete_messages=False,
+        cardinality="many",
+    )
+    def trigger(
+        messages: list[servicebus.ServiceBusReceivedMessage], message_actions: servicebus.ServiceBusMessageActions
+    ) -> None:
+        run_write_batch(messages, message_actions)
+
+    return bp
+
+
 validate_credentials = stage_blueprint("validate_credentials")
 check_solution = stage_blueprint("check_solution")
-write_lead = stage_blueprint("write_lead")
+write_lead = write_blueprint()

@@ -8,6 +8,7 @@ verified for real against a local CRM and never reaches a host outside this mach
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from tests.test_api_server import ADMIN_KEY, MARKETPLACE_LEAD, SECURITY_HEADERS,
 EXAMPLES = 350
 PUBLISHER = "fuzzpub"
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
@@ -221,13 +222,12 @@ def test_generated_requests_from_the_openapi_document_never_get_a_500(stack: Api
     @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(request=requests_from(operations, fuzz_org, keys))
     def fuzz(request: dict[str, Any]) -> None:
+        content = request["content"]
+        if request["json"] is not None:
+            # Serialised here, not by httpx: NaN and Infinity go out as the tokens Python's parser accepts.
+            content = json.dumps(request["json"]).encode()
         answer = stack.client.request(
-            request["method"],
-            request["url"],
-            params=request["params"],
-            headers=request["headers"],
-            content=request["content"],
-            json=request["json"],
+            request["method"], request["url"], params=request["params"], headers=request["headers"], content=content
         )
         sent.append(answer.status_code)
         check(answer)

@@ -41,6 +41,8 @@ def test_each_stage_is_a_service_bus_trigger_on_its_queue_by_connection_setting(
     assert trigger["queueName"] == queue
     assert trigger["connection"] == SERVICEBUS_CONNECTION
     assert trigger["autoCompleteMessages"] is False
+    cardinality = trigger.get("cardinality")
+    assert str(getattr(cardinality, "value", cardinality or "one")) == ("many" if name == "write_lead" else "one")
 
 
 def test_the_http_api_is_one_anonymous_catch_all_http_trigger() -> None:
@@ -136,7 +138,40 @@ def test_the_write_trigger_delivers_the_lead_to_the_crm(functions_host: Harness,
     )
     actions = RecordingActions(functions_host)
 
-    _trigger("write_lead")(message, actions)
+    _trigger("write_lead")([message], actions)
 
     assert [a for a, _ in actions.calls] == ["complete"]
     assert len(simulator.leads(publisher)) == 1
+
+
+def test_the_write_trigger_sends_a_batch_of_one_publisher_as_one_crm_request(
+    functions_host: Harness, simulator: CrmSimulator
+) -> None:
+    from shared.lead import parse_incoming
+
+    publisher = functions_host.publisher()
+    messages = []
+    for n in range(5):
+        lead_id = f"{publisher}-{n:05d}"
+        body = parse_incoming(json.dumps(lead_message(publisher, n)).encode()).to_body()
+        messages.append(
+            sdk_message(
+                None,
+                message_id=lead_id,
+                body=body,
+                properties={"publisherId": publisher, "leadId": lead_id, "attempt": 1},
+            )
+        )
+    messages.append(
+        sdk_message(
+            None, message_id="broken", body=b"not json", properties={"publisherId": publisher, "leadId": "broken"}
+        )
+    )
+    actions = RecordingActions(functions_host)
+
+    _trigger("write_lead")(messages, actions)
+
+    assert [a for a, _ in actions.calls] == ["complete"] * 5 + ["deadletter"]
+    assert len(simulator.leads(publisher)) == 5
+    log = simulator.requests(publisher)
+    assert (log.batches, log.lead_writes) == (1, 0)

@@ -321,7 +321,7 @@ def test_a_peeked_dead_letter_cannot_be_settled(harness: Harness, settlement: st
     harness.transport.dead_letter(receive_one(harness.transport), "LeadRejected", "400")
     [peeked] = harness.transport.peek_dead_letters(QUEUE)
 
-    with pytest.raises((ValueError, LockLost)):
+    with pytest.raises(ValueError, match=r"peeked|dead-lettered again"):
         SETTLEMENTS[settlement](harness.transport, peeked)
     assert len(harness.transport.peek_dead_letters(QUEUE)) == 1
 

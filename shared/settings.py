@@ -6,6 +6,7 @@ so a bad deployment fails at start rather than on the first lead.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,8 +85,8 @@ class Settings(BaseModel):
                 numbers = tuple(float(part) for part in parts)
             except ValueError:
                 raise ValueError("must be comma-separated seconds, e.g. 5,15,60") from None
-            if not numbers or any(n < 0 for n in numbers):
-                raise ValueError("must be one or more non-negative numbers of seconds")
+            if not numbers or any(not math.isfinite(n) or n < 0 for n in numbers):
+                raise ValueError("must be one or more non-negative, finite numbers of seconds")
             return numbers
         return value
 
@@ -101,9 +102,12 @@ class Settings(BaseModel):
         value = value.strip().rstrip("/")
         if "://" not in value:
             value = "https://" + value
-        if not value.startswith("https://"):
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() != "https":
             raise ValueError("the authority host must use https")
-        return value
+        if not rest or any(ch in rest for ch in "/?#@ \\"):
+            raise ValueError("must be a host (and optional port), without path, query or user info")
+        return "https://" + rest.lower()
 
     @property
     def min_version(self) -> tuple[int, ...]:

@@ -81,9 +81,7 @@ def test_process_environment_is_the_default_source(monkeypatch: pytest.MonkeyPat
 
 def test_empty_values_mean_unset() -> None:
     # The Functions host writes app settings that have no value as empty strings.
-    settings = Settings.from_env(
-        {"LEADWRITER_HTTP_PORT": "", "LEADWRITER_QUEUE_BACKEND": "", "KEYVAULT_URL": ""}
-    )
+    settings = Settings.from_env({"LEADWRITER_HTTP_PORT": "", "LEADWRITER_QUEUE_BACKEND": "", "KEYVAULT_URL": ""})
     assert settings.http_port == 7071
     assert settings.queue_backend == "embedded"
     assert settings.keyvault_url is None
@@ -220,3 +218,28 @@ def test_versions_compare_numerically_not_as_text() -> None:
 def test_malformed_version_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError, match="version"):
         parse_version(text)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "5,-inf", "1,nan"])
+def test_a_retry_schedule_with_a_non_finite_step_is_refused(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="LEADWRITER_RETRY_SCHEDULE"):
+        Settings.from_env({"LEADWRITER_RETRY_SCHEDULE": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("HTTPS://Login.Example.com", "https://login.example.com"),
+        ("login.example.com:8443", "https://login.example.com:8443"),
+    ],
+)
+def test_the_authority_host_is_normalised(value: str, expected: str) -> None:
+    assert Settings.from_env({"AZURE_AUTHORITY_HOST": value}).authority_host == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["https://login.example.com/tenant", "https://user@login.example.com", "http://x.example"]
+)
+def test_an_authority_host_with_a_path_user_info_or_plain_http_is_refused(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="AZURE_AUTHORITY_HOST"):
+        Settings.from_env({"AZURE_AUTHORITY_HOST": value})

@@ -589,6 +589,10 @@ def _description(message: LeadMessage) -> str:
     return truncate_utf16(text, limit)
 
 
+#: Contact-preference columns set for a ``DNC`` (do not contact) lead.
+DO_NOT_CONTACT_COLUMNS: tuple[str, ...] = ("donotemail", "donotphone", "donotbulkemail", "donotpostalmail")
+
+
 def to_dataverse_columns(message: LeadMessage, *, lead_source_code: int = 8) -> dict[str, Any]:
     """The Dataverse ``lead`` columns for ``message`` (DESIGN §4), each within its maximum length.
 
@@ -618,6 +622,10 @@ def to_dataverse_columns(message: LeadMessage, *, lead_source_code: int = 8) -> 
             logger.debug("lead %s: column %s truncated to %d UTF-16 units", message.lead_id, column, limit)
         columns[column] = cut
     columns["leadsourcecode"] = lead_source_code
+    if message.lead.action_code == "DNC":
+        # The customer asked not to be contacted: record it where Dynamics enforces it (marketing lists,
+        # bulk e-mail, dialers), not only in the description.
+        columns.update(dict.fromkeys(DO_NOT_CONTACT_COLUMNS, True))
     return columns
 
 

@@ -480,6 +480,16 @@ def test_columns_carry_the_customer_and_the_lead_source_code() -> None:
     assert columns["subject"] == "Contoso Widget: installed or purchased (Azure Marketplace)"
 
 
+@pytest.mark.parametrize(("action", "flagged"), [("DNC", True), ("INS", False), ("PLT", False), (None, False)])
+def test_a_do_not_contact_lead_sets_the_contact_preference_columns(action: str | None, flagged: bool) -> None:
+    lead: dict[str, object] = {"UserDetails": {"Email": "ada@example.com"}, "LeadSource": "AzureMarketplace"}
+    if action:
+        lead["ActionCode"] = action
+    columns = to_dataverse_columns(parse_incoming(envelope(lead)))
+    for column in ("donotemail", "donotphone", "donotbulkemail", "donotpostalmail"):
+        assert columns.get(column, False) is flagged
+
+
 def test_missing_values_are_omitted_and_read_only_columns_never_set() -> None:
     columns = to_dataverse_columns(message(customer=Customer(email="ada@example.com")))
     assert set(columns) == {"subject", "emailaddress1", "description", "leadsourcecode"}

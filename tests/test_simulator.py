@@ -1303,3 +1303,14 @@ def test_simulator_settings_point_lead_writer_at_the_simulator(
     assert settings.crm_allowed_hosts == (f"{simulator.host}:*",)
     assert settings.data_dir == tmp_path
     assert settings.min_solution_version == "1.1.0.0"
+
+
+def test_the_contact_preference_columns_take_booleans_only(
+    simulator: CrmSimulator, crm_org: SimOrg, token: str
+) -> None:
+    body = {"lastname": "Lovelace", "donotemail": True, "donotphone": False}
+    ok = create_only(simulator, crm_org, token, str(uuid.uuid4()), body)
+    assert ok.status_code == 204
+    bad = create_only(simulator, crm_org, token, str(uuid.uuid4()), {"lastname": "Lovelace", "donotemail": "yes"})
+    assert bad.status_code == 400
+    assert "Edm.Boolean" in bad.json()["error"]["message"]

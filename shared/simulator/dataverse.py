@@ -39,6 +39,8 @@ TEXT_COLUMNS: dict[str, int] = {
     "description": 2000,
 }
 OPTION_SET_COLUMN = "leadsourcecode"
+#: Two-option (boolean) contact-preference columns of ``lead``.
+BOOLEAN_COLUMNS = frozenset({"donotemail", "donotphone", "donotbulkemail", "donotpostalmail", "donotsendmm"})
 READ_ONLY_COLUMNS = frozenset({"fullname"})
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -539,6 +541,9 @@ def _parse_lead(raw: bytes) -> tuple[dict[str, Any], Response | None]:
             ok = value is None or isinstance(value, str)
             if ok and name == "leadid" and not (isinstance(value, str) and _GUID.match(value)):
                 ok = False
+        elif name in BOOLEAN_COLUMNS:
+            expected = "Edm.Boolean"
+            ok = value is None or isinstance(value, bool)
         elif name == OPTION_SET_COLUMN:
             expected = "Edm.Int32"
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool))

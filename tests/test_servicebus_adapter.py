@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 from azure.core.credentials import AccessToken, TokenCredential
+from azure.core.exceptions import ClientAuthenticationError
 from azure.servicebus import (
     ServiceBusClient,
     ServiceBusMessage,
@@ -606,3 +607,29 @@ def test_make_transport_builds_the_service_bus_adapter_for_the_servicebus_backen
         assert transport.fully_qualified_namespace == NAMESPACE
     finally:
         transport.close()
+
+
+class RefusingAdmin(FakeAdmin):
+    """The administration API as a Data Receiver/Sender identity sees it: no Manage right."""
+
+    def get_queue_runtime_properties(self, queue: str) -> FakeRuntimeProperties:
+        self.asked.append(queue)
+        raise ClientAuthenticationError("Unauthorized: claim 'Manage' is required")
+
+
+def test_stats_count_by_peeking_when_the_identity_lacks_the_manage_right() -> None:
+    client, admin = FakeClient(), RefusingAdmin()
+    client.prepare = lambda r: dead_lettered(r, ["InvalidLead"] * 3 + ["RetriesExhausted"] * 2)
+    transport = ServiceBusTransport(
+        NAMESPACE,
+        cast(TokenCredential, FakeCredential()),
+        client=cast(ServiceBusClient, client),
+        admin_client=cast(ServiceBusAdministrationClient, admin),
+    )
+
+    stats = transport.stats(QUEUE)
+
+    assert admin.asked == [QUEUE]
+    assert stats.dead_lettered == 5
+    assert dict(stats.dead_lettered_by_reason) == {"InvalidLead": 3, "RetriesExhausted": 2}
+    assert stats.active + stats.scheduled == 5, "the fake answers every peek with the same five messages"

@@ -32,9 +32,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.servicebus import (
     ServiceBusClient,
     ServiceBusMessage,
+    ServiceBusMessageState,
     ServiceBusReceivedMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
@@ -405,19 +407,29 @@ class ServiceBusTransport:
         """Counts from the queue's runtime properties; dead letters by reason from a peek of up to
         ``dead_letter_scan_limit`` of them (so the by-reason counts may sum to less than the total).
 
+        The runtime properties need the *Manage* right, which the least-privilege deployment does not
+        grant (infra/app/rbac.bicep gives Data Sender/Receiver only). Refused with 401/403, the counts
+        come from peeking instead — exact up to the scan limit, a lower bound beyond it.
+
         Raises azure.core.exceptions.HttpResponseError (e.g. ResourceNotFoundError) from the
-        administration API.
+        administration API for anything but an authorisation refusal.
         """
-        properties = self._admin_client().get_queue_runtime_properties(queue)
-        by_reason: Counter[str] = Counter()
-        scanned, next_sequence = 0, 1
-        while scanned < self._scan_limit:
-            page = self.peek_dead_letters(queue, min(_PEEK_PAGE, self._scan_limit - scanned), next_sequence)
-            if not page:
-                break
-            by_reason.update(m.dead_letter_reason or "unknown" for m in page)
-            scanned += len(page)
-            next_sequence = page[-1].sequence_number + 1
+        by_reason: Counter[str] = Counter(m.dead_letter_reason or "unknown" for m in self._scan(queue, True))
+        try:
+            properties = self._admin_client().get_queue_runtime_properties(queue)
+        except (ClientAuthenticationError, HttpResponseError) as exc:
+            status = getattr(exc, "status_code", None)
+            if not isinstance(exc, ClientAuthenticationError) and status not in (401, 403):
+                raise
+            logger.warning("queue %s: no Manage right for runtime counts; counting by peek instead", queue)
+            states = Counter(getattr(m.raw, "state", ServiceBusMessageState.ACTIVE) for m in self._scan(queue, False))
+            return QueueStats(
+                queue=queue,
+                active=states[ServiceBusMessageState.ACTIVE],
+                scheduled=states[ServiceBusMessageState.SCHEDULED],
+                dead_lettered=sum(by_reason.values()),
+                dead_lettered_by_reason=dict(by_reason),
+            )
         return QueueStats(
             queue=queue,
             active=properties.active_message_count or 0,
@@ -425,6 +437,24 @@ class ServiceBusTransport:
             dead_lettered=properties.dead_letter_message_count or 0,
             dead_lettered_by_reason=dict(by_reason),
         )
+
+    def _scan(self, queue: str, dead_letter: bool) -> list[ReceivedMessage]:
+        """Peek up to ``dead_letter_scan_limit`` messages of the queue or its dead-letter sub-queue."""
+        found: list[ReceivedMessage] = []
+        next_sequence = 1
+        while len(found) < self._scan_limit:
+            count = min(_PEEK_PAGE, self._scan_limit - len(found))
+            receiver = self._checkout(queue, dead_letter)
+            try:
+                peeked = receiver.handler.peek_messages(count, sequence_number=next_sequence)
+            finally:
+                receiver.lock.release()
+            if not peeked:
+                break
+            page = [from_service_bus_message(m, queue, from_dead_letter=dead_letter, peeked=True) for m in peeked]
+            found.extend(page)
+            next_sequence = page[-1].sequence_number + 1
+        return found
 
     def close(self) -> None:
         """Close every sender, receiver and client this transport opened."""

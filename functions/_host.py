@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from azure.servicebus import ServiceBusReceivedMessage as SdkReceivedMessage
 
@@ -18,7 +18,9 @@ from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore
 from shared.settings import Settings
 from shared.settle import Sender, Settled, settle
-from shared.stages import STAGES, Pipeline
+from shared.stages import STAGES, Outcome, Pipeline
+from shared.status import StatusBook
+from shared.telemetry import Metrics, configure_telemetry, fan_out
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage
 from shared.transport.servicebus import from_service_bus_message
@@ -59,13 +61,48 @@ class Host:
     pipeline: Pipeline
     sender: Sender
 
+    def settle(
+        self,
+        stage: str,
+        message: ReceivedMessage,
+        outcome: Outcome,
+        actions: MessageActions,
+        sdk_message: SdkReceivedMessage,
+        started: float,
+    ) -> Settled:
+        """Settle through the host's message actions, forwards and copies through our sender."""
+        return settle(
+            stage,
+            message,
+            outcome,
+            sender=self.sender,
+            settler=ActionsSettler(actions, sdk_message),
+            started=started,
+            schedule=self.settings.retry_schedule,
+        )
+
+    #: Per-publisher delivery status (None: not recorded, e.g. in a test that does not need it).
+    status: StatusBook | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def observe(self, settled: Settled) -> None:
+        """The settlement observer: status book and metrics. Raises nothing."""
+        observers = [self.metrics.observe] if self.status is None else [self.status.observe, self.metrics.observe]
+        fan_out(*observers)(settled)
+
 
 @functools.cache
 def host() -> Host:
-    """The process-wide pipeline: settings, secret store, Service Bus sender."""
+    """The process-wide pipeline: settings, telemetry, secret store, Service Bus sender, status book.
+
+    Raises ConfigurationError for a missing or invalid setting (every invocation then fails the same
+    way and the messages are redelivered; nothing is lost).
+    """
     settings = Settings.from_env()
+    configure_telemetry(settings)
     pipeline = Pipeline(settings, ConnectionStore(make_secret_store(settings)))
-    return Host(settings, pipeline, make_transport(settings))
+    status = StatusBook(settings.data_dir / "status.db")
+    return Host(settings, pipeline, make_transport(settings), status=status)
 
 
 def run_stage(
@@ -87,6 +124,7 @@ def run_stage(
         sender=current.sender,
         settler=ActionsSettler(actions, sdk_message),
         started=started,
+        observer=current.observe,
         schedule=current.settings.retry_schedule,
     )
 
@@ -107,17 +145,7 @@ def run_write_batch(
         sdk_messages, messages, current.pipeline.write_leads(messages), strict=True
     ):
         try:
-            settled.append(
-                settle(
-                    "write_lead",
-                    message,
-                    outcome,
-                    sender=current.sender,
-                    settler=ActionsSettler(actions, sdk_message),
-                    started=started,
-                    schedule=current.settings.retry_schedule,
-                )
-            )
+            settled.append(current.settle("write_lead", message, outcome, actions, sdk_message, started))
         except Exception:  # one failed settlement must not strand the rest of the batch
             logger.exception("settling message %s failed; it is redelivered after its lock expires", message.message_id)
     return settled

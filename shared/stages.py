@@ -89,6 +89,7 @@ STAGES: dict[str, str] = {
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class TtlCache(Generic[K, V]):
@@ -241,7 +242,7 @@ class Pipeline:
                 logger.exception("unexpected error in stage %s for message %s", stage, message.message_id)
             return outcome_for_error(exc)
 
-    def _with_fresh_retry(self, run: Callable[[bool], Outcome]) -> Outcome:
+    def _with_fresh_retry(self, run: Callable[[bool], T]) -> T:
         """Run with cached configuration; if that ends in a configuration dead letter, try once more
         with the connection read fresh — a publisher who just fixed its connection (and whose dead
         letters were replayed) must not be refused again by a stale cache of another instance."""
@@ -328,12 +329,7 @@ class Pipeline:
             return [_result_outcome(result) for result in results]
 
         try:
-            try:
-                return run(False)
-            except DeadLetter as exc:
-                if exc.reason not in CONFIGURATION_REASONS:
-                    raise
-                return run(True)
+            return self._with_fresh_retry(run)
         except Exception as exc:
             if not isinstance(exc, LeadWriterError):
                 logger.exception("unexpected error writing a batch of %d leads", len(leads))

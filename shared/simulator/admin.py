@@ -117,28 +117,7 @@ class AdminApi:
     def _add_org(self, body: dict[str, Any]) -> Response:
         spec = parse_org(body)
         sim = self._sim
-        sim.add_org(
-            spec.name,
-            tenant_id=spec.tenant_id,
-            solution_version=spec.solution_version,
-            requests_per_window=spec.limits.requests_per_window,
-            window_seconds=spec.limits.window_seconds,
-            execution_seconds_per_window=spec.limits.execution_seconds_per_window,
-            max_concurrent=spec.limits.max_concurrent,
-            latency=spec.latency,
-            lead_source_codes=spec.lead_source_codes,
-        )
-        for user in spec.users:
-            sim.add_user(
-                spec.name,
-                user.username,
-                user.password,
-                has_role=user.has_role,
-                mfa_required=user.mfa_required,
-                disabled=user.disabled,
-            )
-        for app in spec.apps:
-            sim.add_app(spec.name, app.client_id, app.client_secret, has_role=app.has_role)
+        sim.add_org_spec(spec)
         return json_response(201, sim.describe(spec.name))
 
     def _org_route(self, request: Request, org: str, rest: list[str]) -> Response:

@@ -15,7 +15,7 @@ from typing import Any
 from shared.simulator.admin import AdminApi
 from shared.simulator.authority import TOKEN_LIFETIME, AuthorityApp
 from shared.simulator.certs import ensure_certificates
-from shared.simulator.config import load_config
+from shared.simulator.config import OrgSpec, load_config
 from shared.simulator.dataverse import DataverseApp
 from shared.simulator.faults import Faults
 from shared.simulator.limits import Limits, ServiceProtection
@@ -92,32 +92,37 @@ class CrmSimulator:
         simulator = cls(data_dir, host=host, authority_port=authority_port)
         try:
             for spec in specs:
-                simulator.add_org(
-                    spec.name,
-                    tenant_id=spec.tenant_id,
-                    solution_version=spec.solution_version,
-                    requests_per_window=spec.limits.requests_per_window,
-                    window_seconds=spec.limits.window_seconds,
-                    execution_seconds_per_window=spec.limits.execution_seconds_per_window,
-                    max_concurrent=spec.limits.max_concurrent,
-                    latency=spec.latency,
-                    lead_source_codes=spec.lead_source_codes,
-                )
-                for user in spec.users:
-                    simulator.add_user(
-                        spec.name,
-                        user.username,
-                        user.password,
-                        has_role=user.has_role,
-                        mfa_required=user.mfa_required,
-                        disabled=user.disabled,
-                    )
-                for app in spec.apps:
-                    simulator.add_app(spec.name, app.client_id, app.client_secret, has_role=app.has_role)
+                simulator.add_org_spec(spec)
         except BaseException:
             simulator.stop()
             raise
         return simulator
+
+    def add_org_spec(self, spec: OrgSpec) -> SimOrg:
+        """Add an org with its users and apps from a parsed config entry (config file or admin API)."""
+        org = self.add_org(
+            spec.name,
+            tenant_id=spec.tenant_id,
+            solution_version=spec.solution_version,
+            requests_per_window=spec.limits.requests_per_window,
+            window_seconds=spec.limits.window_seconds,
+            execution_seconds_per_window=spec.limits.execution_seconds_per_window,
+            max_concurrent=spec.limits.max_concurrent,
+            latency=spec.latency,
+            lead_source_codes=spec.lead_source_codes,
+        )
+        for user in spec.users:
+            self.add_user(
+                spec.name,
+                user.username,
+                user.password,
+                has_role=user.has_role,
+                mfa_required=user.mfa_required,
+                disabled=user.disabled,
+            )
+        for app in spec.apps:
+            self.add_app(spec.name, app.client_id, app.client_secret, has_role=app.has_role)
+        return org
 
     def start(self) -> CrmSimulator:
         """Generate certificates and start serving. Idempotent.

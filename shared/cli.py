@@ -18,11 +18,21 @@ from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.deadletters import DeadLetterFilter, group_counts, list_dead_letters, plan_replay, purge, replay
-from shared.errors import ConfigurationError
+from shared.deadletters import (
+    UNKNOWN_REASON,
+    DeadLetterFilter,
+    DeadLetterItem,
+    group_counts,
+    list_dead_letters,
+    plan_replay,
+    purge,
+    replay,
+)
+from shared.errors import ConfigurationError, DeadLetterReason
 from shared.messages import envelope
 from shared.names import QUEUE_INCOMING, STAGE_QUEUES
 from shared.settings import Settings
@@ -32,7 +42,8 @@ app = typer.Typer(help="Lead Writer: marketplace leads into Dynamics 365 / Datav
 deadletters_app = typer.Typer(help="See, replay and purge dead letters.", no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
 
-console = Console(stderr=True)
+# soft_wrap: an error line stays one line in logs and in what scripts capture, whatever the width.
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 logger = logging.getLogger(__name__)
 
@@ -43,7 +54,7 @@ def _settings() -> Settings:
     try:
         return Settings.from_env()
     except ConfigurationError as exc:
-        console.print(f"[red]configuration error:[/red] {exc}")
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -65,9 +76,15 @@ def serve(
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
     from shared.runtime import EmbeddedRuntime
     from shared.services import Services
+    from shared.telemetry import configure_telemetry
 
     settings = _settings()
     _configure_logging(settings)
+    try:
+        configure_telemetry(settings)
+    except ConfigurationError as exc:
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     services = Services.from_settings(settings)
     runtime = None
     if workers:
@@ -76,7 +93,7 @@ def serve(
             services.pipeline,
             concurrency=settings.worker_concurrency,
             publisher_concurrency=settings.publisher_concurrency,
-            observer=services.status.observe,
+            observer=services.observe,
         ).start()
         console.print("[green]stage workers running[/green]")
     try:
@@ -144,7 +161,7 @@ def enqueue(
         try:
             stream = Path(file).open(encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as exc:
-            console.print(f"[red]cannot read {file}: {exc.strerror}[/red]")
+            console.print(f"[red]cannot read {escape(file)}: {escape(str(exc.strerror))}[/red]")
             raise typer.Exit(2) from None
     if file != "-" and _is_single_object(file):
         stream.close()
@@ -162,7 +179,7 @@ def enqueue(
         for number, item in _enqueue_lines(stream):
             if isinstance(item, str):
                 refused += 1
-                console.print(f"[red]line {number}: {item}; not sent[/red]")
+                console.print(f"[red]line {number}: {escape(item)}; not sent[/red]")
             else:
                 batch.append(item)
                 if len(batch) >= SEND_BATCH:
@@ -221,10 +238,25 @@ def _filter(
     queue: list[str] | None, reason: list[str] | None, publisher: str | None, message_id: list[str] | None
 ) -> DeadLetterFilter:
     try:
-        return DeadLetterFilter.build(queue=queue, reason=reason, publisher_id=publisher, message_ids=message_id)
+        flt = DeadLetterFilter.build(queue=queue, reason=reason, publisher_id=publisher, message_ids=message_id)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
+    # Not an error (a broker may use reasons of its own), but a typo would silently match nothing.
+    known = {str(r) for r in DeadLetterReason} | {UNKNOWN_REASON}
+    for name in sorted((flt.reasons or set()) - known):
+        console.print(f"[yellow]note:[/yellow] {escape(name)} is not a known dead-letter reason; it may match nothing")
+    return flt
+
+
+def _summary_table(items: list[DeadLetterItem], title: str) -> Table:
+    """Counts by queue, reason and publisher, largest first."""
+    summary = Table(title=title)
+    for column in ("queue", "reason", "publisher", "count"):
+        summary.add_column(column, justify="right" if column == "count" else "left")
+    for (q, r, p), count in sorted(group_counts(items).items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1])):
+        summary.add_row(q, r, p or "-", str(count))
+    return summary
 
 
 @deadletters_app.command("list")
@@ -247,15 +279,12 @@ def deadletters_list(
     finally:
         transport.close()
     if as_json:
+        # One compact object per line, no colour: for jq and scripts, whatever the terminal.
         for item in items:
-            out.print_json(json.dumps(item.to_json()))
+            sys.stdout.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
         return
-    summary = Table(title="Dead letters by reason and publisher")
-    for column in ("queue", "reason", "publisher", "count"):
-        summary.add_column(column, justify="right" if column == "count" else "left")
-    for (q, r, p), count in sorted(group_counts(items).items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1])):
-        summary.add_row(q, r, p or "-", str(count))
-    out.print(summary)
+    out.print(_summary_table(items, "Dead letters by reason and publisher"))
     detail = Table(title=f"{len(items)} dead letter(s)")
     for column in (
         "messageId",
@@ -305,7 +334,7 @@ def deadletters_replay(
         if dry_run:
             plan = plan_replay(transport, flt, limit=limit)
             table = Table(title=f"dry run: {len(plan)} dead letter(s) match; nothing moved")
-            for column in ("messageId", "queue", "newMessageId", "reason", "publisher", "replays", "refused"):
+            for column in ("messageId", "queue", "newMessageId", "reason", "publisher", "replays", "action"):
                 table.add_column(column, overflow="fold")
             for entry in plan:
                 table.add_row(
@@ -315,18 +344,25 @@ def deadletters_replay(
                     entry.reason or "-",
                     entry.publisher_id or "-",
                     str(entry.replay_count),
-                    entry.refused or "",
+                    "refused: replay cap" if entry.refused else "replay",
                 )
             out.print(table)
+            # The full refusal below the table, where it does not fold the table's rows.
+            for entry in plan:
+                if entry.refused:
+                    out.print(f"would refuse: {escape(entry.refused)}", soft_wrap=True)
             return
         with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
             task = progress.add_task("replay", total=None)
-            result = replay(transport, flt, limit=limit, progress=lambda n: progress.update(task, advance=n))
+            # The core reports how many it has dealt with so far (a running total, not a step).
+            result = replay(transport, flt, limit=limit, progress=lambda n: progress.update(task, completed=n))
     finally:
         transport.close()
     out.print(f"matched {result.matched}, replayed {result.replayed}, refused {result.refused}")
+    for refusal in result.refusals:
+        console.print(f"[yellow]refused:[/yellow] {escape(refusal)}")
     for error in result.errors:
-        console.print(f"[red]{error}[/red]")
+        console.print(f"[red]{escape(error)}[/red]")
     if result.refused or result.errors:
         raise typer.Exit(1)
 
@@ -350,6 +386,8 @@ def deadletters_purge(
     try:
         if dry_run:
             items = list_dead_letters(transport, flt, limit=limit or 10_000)
+            if items:
+                out.print(_summary_table(items, "would be purged"))
             out.print(f"dry run: {len(items)} dead letter(s) match; nothing purged")
             return
         if not yes:
@@ -358,31 +396,90 @@ def deadletters_purge(
         with Progress(TextColumn("purge"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
             task = progress.add_task("purge", total=None)
             result = purge(
-                transport, flt, confirm=True, limit=limit, progress=lambda n: progress.update(task, advance=n)
+                transport, flt, confirm=True, limit=limit, progress=lambda n: progress.update(task, completed=n)
             )
     finally:
         transport.close()
     out.print(f"matched {result.matched}, purged {result.purged}")
+    for error in result.errors:
+        console.print(f"[red]{escape(error)}[/red]")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+#: The status book's file in the data dir (shared.services builds it there).
+STATUS_FILE = "status.db"
 
 
 @app.command()
-def stats() -> None:
-    """Queue depths and dead letters by reason, per stage queue."""
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, shaped like GET /api/stats.")] = False,
+) -> None:
+    """Queue depths and dead letters by reason per stage queue, and publishers failing on configuration."""
+    from shared.status import StatusBook
     from shared.transport import make_transport
 
     settings = _settings()
     transport = make_transport(settings)
+    try:
+        queues = [transport.stats(queue) for queue in STAGE_QUEUES]
+    finally:
+        transport.close()
+    # The status book is written by the stage workers of this data dir (`leadwriter serve`); do not
+    # create an empty one here, and say so when there is none rather than show an empty table.
+    status_path = settings.data_dir / STATUS_FILE
+    failing = (
+        [s for s in StatusBook(status_path).all() if s.consecutive_config_failures > 0] if status_path.exists() else []
+    )
+    if as_json:
+        answer = {
+            "queues": [
+                {
+                    "queue": q.queue,
+                    "active": q.active,
+                    "scheduled": q.scheduled,
+                    "deadLettered": q.dead_lettered,
+                    "deadLetteredByReason": dict(sorted(q.dead_lettered_by_reason.items())),
+                }
+                for q in queues
+            ],
+            "publishersFailing": [
+                {
+                    "publisherId": s.publisher_id,
+                    "consecutiveConfigFailures": s.consecutive_config_failures,
+                    "lastError": s.last_error,
+                    "lastErrorReason": s.last_error_reason,
+                    "lastErrorAt": s.last_error_at,
+                }
+                for s in failing
+            ],
+        }
+        sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        return
     table = Table(title="Lead Writer queues")
     for column in ("queue", "active", "scheduled", "dead-lettered", "by reason"):
         table.add_column(column)
-    try:
-        for queue in STAGE_QUEUES:
-            s = transport.stats(queue)
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s.dead_lettered_by_reason.items())) or "-"
-            table.add_row(queue, str(s.active), str(s.scheduled), str(s.dead_lettered), reasons)
-    finally:
-        transport.close()
+    for q in queues:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(q.dead_lettered_by_reason.items())) or "-"
+        table.add_row(q.queue, str(q.active), str(q.scheduled), str(q.dead_lettered), reasons)
     out.print(table)
+    if not status_path.exists():
+        out.print(f"no publisher status in {settings.data_dir} (written by the stage workers of `leadwriter serve`)")
+    elif failing:
+        alerts = Table(title="Publishers failing on configuration (they fix it: see docs/runbook.md)")
+        for column in ("publisher", "consecutive failures", "last reason", "last error", "at"):
+            alerts.add_column(column, overflow="fold")
+        for s in sorted(failing, key=lambda s: -s.consecutive_config_failures):
+            alerts.add_row(
+                s.publisher_id,
+                str(s.consecutive_config_failures),
+                s.last_error_reason or "-",
+                (s.last_error or "-")[:160],
+                s.last_error_at or "-",
+            )
+        out.print(alerts)
+    else:
+        out.print("no publisher is failing on configuration")
 
 
 @app.command("crm-simulator")
@@ -411,20 +508,31 @@ def demo(
 
 @app.command()
 def bench(
-    leads: Annotated[int, typer.Option(min=1, help="Leads to deliver.")] = 2000,
-    publishers: Annotated[int, typer.Option(min=1, help="Publishers the leads are spread over.")] = 1,
-    latency: Annotated[float, typer.Option(min=0, help="Simulated CRM latency in seconds.")] = 0.05,
-    naive_leads: Annotated[int, typer.Option(min=1, help="Leads for the naive deliverer.")] = 100,
-    rate: Annotated[float, typer.Option(min=0, help="Leads per second to enqueue (0: all at once).")] = 0.0,
-    requests_per_window: Annotated[int, typer.Option(help="Simulated service protection limit.")] = 6000,
-    window_seconds: Annotated[float, typer.Option(help="Its sliding window in seconds.")] = 300.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    scenario: Annotated[
+        str,
+        typer.Option(help="throughput (default), nobatch, limits, overhead, isolation or memory; see BENCHMARKS.md."),
+    ] = "throughput",
+    leads: Annotated[int | None, typer.Option(min=1, help="Leads to deliver (default: the scenario's).")] = None,
+    publishers: Annotated[int | None, typer.Option(min=1, help="Publishers the leads are spread over.")] = None,
+    latency: Annotated[float | None, typer.Option(min=0, help="Simulated CRM latency in seconds.")] = None,
+    naive_leads: Annotated[int | None, typer.Option(min=0, help="Leads for the naive deliverer (0: skip it).")] = None,
+    rate: Annotated[float | None, typer.Option(min=0, help="Leads per second to enqueue (0: all at once).")] = None,
+    requests_per_window: Annotated[int | None, typer.Option(min=1, help="Simulated service protection limit.")] = None,
+    window_seconds: Annotated[float | None, typer.Option(min=1, help="Its sliding window in seconds.")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="Leads per $batch at most (1: no batching).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every figure and target as JSON.")] = False,
 ) -> None:
-    """Measure delivery against a naive deliverer in the same run (DESIGN §10)."""
+    """Measure delivery in one scenario, against a naive deliverer where it applies (DESIGN §10).
+
+    Options given override the scenario's values.
+    """
     from shared.bench import run_bench
 
     raise typer.Exit(
         run_bench(
+            scenario=scenario,
             leads=leads,
             publishers=publishers,
             latency=latency,
@@ -432,6 +540,7 @@ def bench(
             rate=rate,
             requests_per_window=requests_per_window,
             window_seconds=window_seconds,
+            max_batch=max_batch,
             as_json=as_json,
         )
     )

@@ -6,14 +6,16 @@ and hand its parts to the API, the stage workers and the ops tools.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.apikeys import ApiKeyStore
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, SecretStore
 from shared.settings import Settings
+from shared.settle import Settled
 from shared.stages import Pipeline
 from shared.status import StatusBook
+from shared.telemetry import Metrics, fan_out
 from shared.transport import make_transport
 from shared.transport.base import Transport
 
@@ -27,6 +29,8 @@ class Services:
     api_keys: ApiKeyStore
     pipeline: Pipeline
     status: StatusBook
+    #: Settlement counters of this process (shared.telemetry); fed by :meth:`observe`.
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -43,6 +47,10 @@ class Services:
             pipeline=Pipeline(settings, connections),
             status=StatusBook(settings.data_dir / "status.db"),
         )
+
+    def observe(self, settled: Settled) -> None:
+        """The settlement observer of a stage worker: the status book and the metrics. Raises nothing."""
+        fan_out(self.status.observe, self.metrics.observe)(settled)
 
     def close(self) -> None:
         self.transport.close()

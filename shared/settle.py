@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,29 +103,57 @@ def settle(
 
 
 def log_settlement(result: Settled, started: float | None) -> None:
-    """One structured line per settlement: stage, outcome, reason, publisher, lead, attempt, latency."""
+    """One structured line per settlement: stage, outcome, reason, publisher, lead, attempt, latency.
+
+    The same fields go on the record as attributes, which Application Insights shows as custom
+    dimensions (``shared.telemetry``). Values are log-safe: one line, e-mail addresses masked.
+    """
     props = result.message.application_properties
-    latency_ms = (time.monotonic() - started) * 1000 if started is not None else -1.0
+    latency_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else -1.0
     level = logging.WARNING if result.action == "dead-lettered" else logging.INFO
+    fields = {
+        "stage": result.stage,
+        "outcome": result.action,
+        "reason": _safe(result.reason),
+        "publisherId": _safe(props.get(PROP_PUBLISHER_ID)),
+        "leadId": _safe(props.get(PROP_LEAD_ID, result.message.message_id)),
+        "attempt": attempt_of(result.message),
+        "delay": f"{result.delay:.1f}" if result.delay is not None else "-",
+        "latencyMs": latency_ms,
+    }
     logger.log(
         level,
         "settled stage=%s outcome=%s reason=%s publisherId=%s leadId=%s attempt=%d delay=%s latencyMs=%.1f",
-        result.stage,
-        result.action,
-        _safe(result.reason),
-        _safe(props.get(PROP_PUBLISHER_ID)),
-        _safe(props.get(PROP_LEAD_ID, result.message.message_id)),
-        attempt_of(result.message),
-        f"{result.delay:.1f}" if result.delay is not None else "-",
+        fields["stage"],
+        fields["outcome"],
+        _quoted(str(fields["reason"])),
+        _quoted(str(fields["publisherId"])),
+        _quoted(str(fields["leadId"])),
+        fields["attempt"],
+        fields["delay"],
         latency_ms,
+        extra=fields,
     )
+
+
+#: Line breaks and other control characters: a value must not start a forged log line or drive a terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+#: Anything shaped like an e-mail address inside free text (a CRM error quoting a field value).
+_EMAIL = re.compile(r"[^\s@<>()\[\]{},;:\"'=]+@[^\s@<>()\[\]{},;:\"'=]+")
 
 
 def _safe(value: object) -> str:
     """Log-safe text: no line breaks (log injection), e-mail addresses masked, bounded length."""
     if value is None:
         return "-"
-    text = str(value).replace("\r", " ").replace("\n", " ")[:200]
-    if "@" in text and " " not in text:
-        return mask_email(text) or "-"
+    text = _CONTROL.sub(" ", str(value))
+    # Mask before truncating: a cut could leave an address without the "@" that marks it.
+    text = _EMAIL.sub(lambda match: mask_email(match.group(0)) or "***", text)
+    return text[:200] or "-"
+
+
+def _quoted(text: str) -> str:
+    """``key=value`` stays one field per key: a value with spaces or ``=`` is double-quoted."""
+    if any(ch.isspace() or ch in '="' for ch in text):
+        return '"' + text.replace('"', "'") + '"'
     return text

@@ -104,7 +104,14 @@ def serve(
 
             console.print(f"[green]API on http://{settings.http_host}:{settings.http_port}/api[/green]")
             # uvicorn handles SIGINT/SIGTERM itself and returns after finishing requests in flight.
-            uvicorn.run(create_app(services), host=settings.http_host, port=settings.http_port, log_level="warning")
+            uvicorn.run(
+                create_app(services),
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                # uvicorn's access log carries the query string, and with it an ingest ?key=.
+                access_log=False,
+            )
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())

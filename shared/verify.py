@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import requests
+
 from shared.connection import Connection, PasswordAuth, Verification
 from shared.dataverse import DataverseClient
 from shared.errors import (
@@ -85,8 +87,7 @@ def _failure_message(error: DeadLetter, connection: Connection) -> str:
         return _VERIFY_MESSAGES[error.entra_code]
     if isinstance(error, PermissionDenied):
         return (
-            f"{_principal(connection)} lacks the Lead Writer role or is not a user of this environment: "
-            f"{error.message}"
+            f"{_principal(connection)} lacks the Lead Writer role or is not a user of this environment: {error.message}"
         )
     return error.message
 
@@ -111,7 +112,20 @@ def verify_connection(
     settings = pipeline.settings
     # A client of its own, not the pipeline's cache: a connection that fails verification must not
     # leave a client (and its HTTP session) behind for every attempt.
-    client = DataverseClient(connection, settings, tokens=pipeline.tokens, throttle=pipeline.throttle)
+    session = requests.Session()
+    try:
+        client = DataverseClient(
+            connection, settings, tokens=pipeline.tokens, throttle=pipeline.throttle, session=session
+        )
+        return _verify(pipeline, connection, client, now)
+    finally:
+        session.close()
+
+
+def _verify(
+    pipeline: Pipeline, connection: Connection, client: DataverseClient, now: Callable[[], datetime]
+) -> VerificationReport:
+    settings = pipeline.settings
     report = VerificationReport(Verification(ok=False, checked_at=now()))
     step: Step = "token"
     user_id: str | None = None

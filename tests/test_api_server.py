@@ -42,7 +42,9 @@ class ApiServer:
 
     def __init__(self, services: Services) -> None:
         self.app = create_app(services)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and without it
+        # every answer written in two parts waits out the client's delayed ACK (40 ms).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
@@ -342,9 +344,7 @@ def test_a_streamed_body_without_length_is_cut_off_at_256_kib(stack: ApiStack) -
         (b'{"url": "https://contoso.crm4.dynamics.com", "auth": {}, "extra": 1}', "auth"),
     ],
 )
-def test_invalid_connection_bodies_answer_422_naming_the_field(
-    stack: ApiStack, content: bytes, field: str
-) -> None:
+def test_invalid_connection_bodies_answer_422_naming_the_field(stack: ApiStack, content: bytes, field: str) -> None:
     answer = stack.client.put(
         "/api/publishers/contoso/connection",
         content=content,
@@ -377,13 +377,32 @@ def test_request_log_names_route_template_and_status_but_never_key_query_or_body
     # The line is written after the answer is sent: poll for it.
     assert wait_until(lambda: any(r.name == "shared.api.access" for r in caplog.records), timeout=5)
     access = [r.getMessage() for r in caplog.records if r.name == "shared.api.access"]
-    assert any(line.startswith("POST /api/publishers/{publisherId}/leads -> 202 in ") for line in access), (
-        access
-    )
+    assert any(line.startswith("POST /api/publishers/{publisherId}/leads -> 202 in ") for line in access), access
     # The server's logs (the test's own HTTP client logs the URL it called, key and all).
-    everything = "\n".join(
-        r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))
-    )
+    everything = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore")))
     assert key not in everything
     assert "body-marker-77" not in everything
     assert "key=" not in everything
+
+
+def test_a_real_bug_answers_a_generic_500_and_logs_only_the_exception_type(
+    stack: ApiStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    leaked = "Secret-In-An-Exception-Message-42"
+
+    def broken() -> None:
+        raise RuntimeError(f"connection string with {leaked}")
+
+    # A route with a bug, added to the running app (the router reads its routes per request).
+    stack.server.app.add_api_route("/api/broken", broken)
+    caplog.set_level(logging.DEBUG)
+    answer = stack.client.get("/api/broken")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error"}
+    assert leaked not in answer.text
+    assert_security_headers(answer)
+    assert wait_until(lambda: any("unhandled RuntimeError" in r.getMessage() for r in caplog.records), timeout=5)
+    formatter = logging.Formatter("%(message)s")
+    assert all(leaked not in formatter.format(record) for record in caplog.records)
+    # The server stays up.
+    assert stack.client.get("/api/health").status_code == 200

@@ -94,9 +94,7 @@ class ApiMiddleware:
                 return
             await self.app(scope, self._limited(receive), send_with_headers)
         except Exception as exc:  # noqa: BLE001 - the last resort: nothing escapes with its message
-            logger.error(
-                "unhandled %s answering %s %s", type(exc).__name__, scope.get("method"), _template(scope)
-            )
+            logger.error("unhandled %s answering %s %s", type(exc).__name__, scope.get("method"), _template(scope))
             if status_seen == 0:
                 await self._answer(send_with_headers, 500, {"error": "internal error"})
         finally:

@@ -110,9 +110,7 @@ def revoke_key(publisher_id: PublisherId, _admin: AdminAccess, services: Service
 def get_dead_letters(
     _admin: AdminAccess,
     services: ServicesDep,
-    queue: Annotated[
-        str | None, Query(max_length=200, description=f"one of {', '.join(STAGE_QUEUES)}")
-    ] = None,
+    queue: Annotated[str | None, Query(max_length=200, description=f"one of {', '.join(STAGE_QUEUES)}")] = None,
     reason: Annotated[str | None, Query(max_length=200, description="a DESIGN §5 reason, or Unknown")] = None,
     publisher_id: Annotated[str | None, Query(alias="publisherId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
@@ -133,9 +131,7 @@ def get_dead_letters(
     responses=_ERRORS,
     summary="Replay dead letters to the queue they died on (dryRun: show the plan only)",
 )
-def replay_dead_letters(
-    body: ReplayBody, _admin: AdminAccess, services: ServicesDep
-) -> ReplayAnswer | JSONResponse:
+def replay_dead_letters(body: ReplayBody, _admin: AdminAccess, services: ServicesDep) -> ReplayAnswer | JSONResponse:
     """Raises RetryLater (503)."""
     try:
         flt = _filter(body)
@@ -163,9 +159,7 @@ def replay_dead_letters(
     responses=_ERRORS,
     summary='Delete dead letters for good (needs "confirm": true)',
 )
-def purge_dead_letters(
-    body: PurgeBody, _admin: AdminAccess, services: ServicesDep
-) -> PurgeAnswer | JSONResponse:
+def purge_dead_letters(body: PurgeBody, _admin: AdminAccess, services: ServicesDep) -> PurgeAnswer | JSONResponse:
     """Raises RetryLater (503)."""
     if body.confirm is not True:
         return error_response(

@@ -14,7 +14,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol, runtime_checkable
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_of
@@ -119,7 +119,6 @@ def _replay_configuration(services: Services, publisher_id: str) -> tuple[int, s
 def put_connection(
     publisher_id: PublisherId,
     body: ConnectionBody,
-    request: Request,
     _principal: PublisherAccess,
     services: ServicesDep,
     verify: Annotated[bool, Query(description="verify live before storing")] = True,
@@ -171,9 +170,7 @@ def get_connection(
     if connection is None:
         return _not_found(publisher_id)
     redacted = connection.redacted()
-    return ConnectionAnswer(
-        publisher_id=publisher_id, connection=redacted, verification=redacted.get("verification")
-    )
+    return ConnectionAnswer(publisher_id=publisher_id, connection=redacted, verification=redacted.get("verification"))
 
 
 @router.delete(
@@ -183,9 +180,7 @@ def get_connection(
     responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "no connection stored"}},
     summary="Remove the connection",
 )
-def delete_connection(
-    publisher_id: PublisherId, _principal: PublisherAccess, services: ServicesDep
-) -> Response:
+def delete_connection(publisher_id: PublisherId, _principal: PublisherAccess, services: ServicesDep) -> Response:
     """Raises InvalidPublisherId (422), RetryLater (503)."""
     validate_publisher_id(publisher_id)
     if not services.connections.delete(publisher_id):
@@ -218,9 +213,7 @@ def _test_lead(services: Services, publisher_id: str, connection: Connection) ->
     )
     message = LeadMessage(lead_id=str(uuid.uuid4()), publisher_id=publisher_id, received_at=_now(), lead=lead)
     record_id = lead_record_id(publisher_id, message.lead_id)
-    result = services.pipeline.client(connection).create_lead(
-        LeadWrite(record_id, to_dataverse_columns(message))
-    )
+    result = services.pipeline.client(connection).create_lead(LeadWrite(record_id, to_dataverse_columns(message)))
     logger.info("wrote test lead %s for publisher %s", message.lead_id, publisher_id)
     return {
         "leadId": message.lead_id,
@@ -264,9 +257,7 @@ def retest_connection(
         except DeadLetter as exc:
             return error_response(422, f"the test lead was refused: {exc.message}", reason=str(exc.reason))
         except RetryLater as exc:
-            return retry_later_response(
-                f"the test lead could not be written now: {exc.message}", exc.retry_after
-            )
+            return retry_later_response(f"the test lead could not be written now: {exc.message}", exc.retry_after)
     return ConnectionAnswer(
         publisher_id=publisher_id,
         connection=connection.redacted(),
@@ -343,10 +334,8 @@ def ingest_lead(
     ],
     _principal: Annotated[Principal, Depends(INGEST)],
     services: ServicesDep,
-    key: Annotated[
-        str | None, Query(description="the publisher key, for callers that can only be given a URL")
-    ] = None,
-) -> IngestAnswer:
+    key: Annotated[str | None, Query(description="the publisher key, for callers that can only be given a URL")] = None,
+) -> IngestAnswer | JSONResponse:
     """Wrap the lead in a DESIGN §3 message and enqueue it on ``leads-incoming``.
 
     A lead that :func:`~shared.lead.parse_marketplace_lead` refuses is answered 422 at once, naming
@@ -361,9 +350,7 @@ def ingest_lead(
         message: dict[str, Any] = dict(payload)
         claimed = message.get("publisherId")
         if claimed is not None and claimed != publisher_id:
-            raise InvalidLead(
-                "publisherId in the body differs from the publisher in the path", field="publisherId"
-            )
+            raise InvalidLead("publisherId in the body differs from the publisher in the path", field="publisherId")
         message["publisherId"] = publisher_id
     else:
         message = {"publisherId": publisher_id, "lead": payload}
@@ -376,6 +363,10 @@ def ingest_lead(
     except ValueError:
         raise InvalidLead("the body holds NaN or Infinity, which JSON does not allow", field="body") from None
     lead = parse_incoming(body)
-    services.transport.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])
+    try:
+        services.transport.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])
+    except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the caller should retry
+        logger.warning("could not queue lead %s of publisher %s: %s", lead.lead_id, publisher_id, type(exc).__name__)
+        return retry_later_response("the lead could not be queued now; send it again", None)
     logger.info("queued lead %s of publisher %s", lead.lead_id, publisher_id)
     return IngestAnswer(lead_id=lead.lead_id, queued=True)

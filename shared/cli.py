@@ -13,6 +13,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, TextIO
 
@@ -239,13 +240,31 @@ ReasonOpt = Annotated[list[str] | None, typer.Option("--reason", help="Dead-lett
 PublisherOpt = Annotated[str | None, typer.Option("--publisher", help="Publisher id.")]
 MessageIdOpt = Annotated[list[str] | None, typer.Option("--message-id", help="Message id (repeatable).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many.")]
+BeforeOpt = Annotated[
+    datetime | None, typer.Option("--enqueued-before", help="Only dead letters enqueued before (ISO time, UTC).")
+]
+AfterOpt = Annotated[
+    datetime | None, typer.Option("--enqueued-after", help="Only dead letters enqueued at or after (ISO time, UTC).")
+]
 
 
 def _filter(
-    queue: list[str] | None, reason: list[str] | None, publisher: str | None, message_id: list[str] | None
+    queue: list[str] | None,
+    reason: list[str] | None,
+    publisher: str | None,
+    message_id: list[str] | None,
+    before: datetime | None = None,
+    after: datetime | None = None,
 ) -> DeadLetterFilter:
     try:
-        flt = DeadLetterFilter.build(queue=queue, reason=reason, publisher_id=publisher, message_ids=message_id)
+        flt = DeadLetterFilter.build(
+            queue=queue,
+            reason=reason,
+            publisher_id=publisher,
+            message_ids=message_id,
+            enqueued_before=before,
+            enqueued_after=after,
+        )
     except ValueError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
@@ -272,6 +291,8 @@ def deadletters_list(
     reason: ReasonOpt = None,
     publisher: PublisherOpt = None,
     message_id: MessageIdOpt = None,
+    enqueued_before: BeforeOpt = None,
+    enqueued_after: AfterOpt = None,
     limit: LimitOpt = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
 ) -> None:
@@ -279,7 +300,7 @@ def deadletters_list(
     from shared.transport import make_transport
 
     settings = _settings()
-    flt = _filter(queue, reason, publisher, message_id)
+    flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
     transport = make_transport(settings)
     try:
         items = list_dead_letters(transport, flt, limit=limit or 100)
@@ -327,6 +348,8 @@ def deadletters_replay(
     reason: ReasonOpt = None,
     publisher: PublisherOpt = None,
     message_id: MessageIdOpt = None,
+    enqueued_before: BeforeOpt = None,
+    enqueued_after: AfterOpt = None,
     limit: LimitOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would move where; move nothing.")] = False,
 ) -> None:
@@ -335,7 +358,7 @@ def deadletters_replay(
     from shared.transport import make_transport
 
     settings = _settings()
-    flt = _filter(queue, reason, publisher, message_id)
+    flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
     transport = make_transport(settings)
     try:
         if dry_run:
@@ -380,6 +403,8 @@ def deadletters_purge(
     reason: ReasonOpt = None,
     publisher: PublisherOpt = None,
     message_id: MessageIdOpt = None,
+    enqueued_before: BeforeOpt = None,
+    enqueued_after: AfterOpt = None,
     limit: LimitOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be purged; purge nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: delete the matching dead letters for good.")] = False,
@@ -388,7 +413,7 @@ def deadletters_purge(
     from shared.transport import make_transport
 
     settings = _settings()
-    flt = _filter(queue, reason, publisher, message_id)
+    flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
     transport = make_transport(settings)
     try:
         if dry_run:

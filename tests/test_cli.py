@@ -384,3 +384,15 @@ def test_a_bad_setting_exits_2_naming_the_variable(cli: Cli, command: tuple[str,
     assert "configuration error" in result.stderr
     assert "LEADWRITER_QUEUE_BACKEND" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("--enqueued-after", set()), ("--enqueued-before", ALL_IDS)],
+)
+def test_list_filters_by_enqueued_time(seeded: Cli, option: str, expected: set[str]) -> None:
+    result = seeded.run("deadletters", "list", "--json", "--limit", "1000", option, "2999-01-01T00:00:00")
+
+    assert result.code == 0, result.stderr
+    assert {json.loads(line)["messageId"] for line in result.stdout.splitlines()} == expected

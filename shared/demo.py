@@ -42,12 +42,17 @@ DEMO_DIR = Path(".leadwriter") / "demo"
 
 
 def _start_simulator(data_dir: Path) -> tuple[CrmSimulator, bool]:
-    """Start on 127.0.0.2:443 (the password flow needs 443); without the rights for that, on a free port
-    (client-secret connections only)."""
-    try:
-        return CrmSimulator(data_dir, host="127.0.0.2", authority_port=443).start(), True
-    except OSError:
-        return CrmSimulator(data_dir, host="127.0.0.1", authority_port=0).start(), False
+    """Start on a loopback address's port 443 (the password flow needs 443: azure-identity's user-realm
+    lookup drops the port), trying 127.0.0.2 onwards in case one is taken (a running simulator, tests);
+    without the rights for port 443, on a free port (client-secret connections only)."""
+    for last_octet in range(2, 20):
+        try:
+            return CrmSimulator(data_dir, host=f"127.0.0.{last_octet}", authority_port=443).start(), True
+        except PermissionError:
+            break
+        except OSError:
+            continue
+    return CrmSimulator(data_dir, host="127.0.0.1", authority_port=0).start(), False
 
 
 def _messages(path: Path, fabrikam_count: int) -> list[dict[str, Any]]:

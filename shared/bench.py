@@ -397,9 +397,9 @@ def run_bench(
         "speedup": round(ours.leads_per_second / naive.leads_per_second, 1) if naive.leads_per_second else None,
     }
     if as_json:
-        print(json.dumps(result, indent=2))  # noqa: T201 - the JSON is the command's output
+        print(json.dumps(result, indent=2))
     else:
-        table = Table(title=f"leadwriter bench — speed-up over the naive deliverer: {result['speedup']}×")
+        table = Table(title=f"leadwriter bench — speed-up over the naive deliverer: {result['speedup']}x")
         table.add_column("figure")
         table.add_column("Lead Writer", justify="right")
         table.add_column("naive", justify="right")

@@ -6,6 +6,12 @@ P publishers at a set CRM latency: leads/s, enqueue→written latency p50/p95/p9
 requests and secret-store reads per lead, CPU ms per lead of this process, peak RSS — and the same
 throughput for a naive deliverer (a fresh token, a solution check and a create per lead, one at a
 time), as a ratio. Figures are measured, never asserted: machines are shared and noisy.
+
+Scenarios (``leadwriter bench --scenario NAME``) set the run up for one target of issue 6 each and
+report that target's figure next to it (see BENCHMARKS.md): ``throughput`` (the default run),
+``nobatch``, ``limits``, ``overhead``, ``isolation`` and ``memory``. Options given on the command line
+override the scenario's values. ``--json`` prints every figure, the scenario and the targets, so that
+runs can be compared across commits.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import requests
 from azure.identity import ClientSecretCredential
@@ -34,11 +40,12 @@ from rich.table import Table
 from shared.connection import ClientSecretAuth, Connection
 from shared.lead import lead_record_id, parse_incoming, to_dataverse_columns
 from shared.messages import envelope
-from shared.names import PROP_LEAD_ID, QUEUE_INCOMING
+from shared.names import PROP_LEAD_ID, PROP_PUBLISHER_ID, QUEUE_INCOMING
 from shared.runtime import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import DEFAULT_SOLUTION_NAME, Settings
 from shared.settle import Settled
+from shared.stages import MAX_BATCH
 from shared.transport.base import OutgoingMessage
 
 console = Console(stderr=True)
@@ -52,9 +59,7 @@ class SimulatorInfo:
     orgs: dict[str, dict[str, str]]  # name -> url, tenant, client id, secret
 
 
-def _simulator_process(
-    config: dict[str, Any], data_dir: str, out: multiprocessing.Queue[Any], stop: EventType
-) -> None:
+def _simulator_process(config: dict[str, Any], data_dir: str, out: multiprocessing.Queue[Any], stop: EventType) -> None:
     from shared.simulator import CrmSimulator
 
     for last_octet in range(30, 60):
@@ -85,6 +90,7 @@ class SimulatorProcess:
     """The simulator in a child process, inspected through its admin API."""
 
     def __init__(self, publishers: int, latency: float, limits: dict[str, Any], data_dir: Path) -> None:
+        """Start the simulator with ``publishers`` orgs; raises RuntimeError if it cannot bind."""
         self.apps = {f"bench{i:02d}": (str(uuid.uuid4()), secrets.token_urlsafe(24)) for i in range(publishers)}
         config = {
             "orgs": [
@@ -131,6 +137,16 @@ class SimulatorProcess:
     def token_requests(self) -> int:
         return int(self._get("token-requests")["count"])
 
+    def throttle_next(self, org: str, n: int, retry_after: float) -> None:
+        """Make the next ``n`` CRM requests of ``org`` answer 429 with a ``retry_after`` penalty."""
+        response = self._session.post(
+            f"{self.info.authority_host}/_simulator/orgs/{org}/faults",
+            json={"throttle_next": {"n": n, "retry_after": retry_after}},
+            timeout=30,
+            verify=self.info.ca_path,
+        )
+        response.raise_for_status()
+
     def connection(self, org: str) -> Connection:
         client_id, secret = self.apps[org]
         details = self.info.orgs[org]
@@ -144,9 +160,9 @@ class SimulatorProcess:
         self._process.join(10)
 
 
-def _message(publisher: str, n: int) -> dict[str, Any]:
+def _message(publisher: str, n: int, tag: str = "") -> dict[str, Any]:
     return {
-        "leadId": f"{publisher}-{n:06d}",
+        "leadId": f"{publisher}-{tag}{n:06d}",
         "publisherId": publisher,
         "lead": {
             "UserDetails": {
@@ -172,6 +188,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class RunFigures:
+    """One run's figures. ``leads_per_second`` counts the awaited publishers' leads (all, unless a
+    scenario leaves a throttled one out). ``leads_per_window`` (the limits scenario): leads delivered
+    in each whole limit window since the start. ``in_flight_at_push_back``: requests that were already
+    on their way when a 429 came back (the pacer's count; they may reach the CRM inside the penalty,
+    which DESIGN §5 allows — every other request waits it out)."""
+
     leads: int
     delivered: int
     seconds: float
@@ -187,11 +209,20 @@ class RunFigures:
     requests_during_penalty: int = 0
     throttled: int = 0
     per_publisher_leads_per_second: dict[str, float] = field(default_factory=dict)
+    crm_requests: int = 0
+    crm_requests_per_second: float = 0.0
+    leads_per_window: list[int] = field(default_factory=list)
+    in_flight_at_push_back: int = 0
 
 
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux: the peak of this process over its whole life.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_lead_writer(
@@ -201,10 +232,20 @@ def run_lead_writer(
     rate: float = 0.0,
     data_dir: Path,
     concurrency: int = 16,
+    publisher_concurrency: int = 8,
+    max_batch: int = MAX_BATCH,
+    publishers: list[str] | None = None,
+    awaited: set[str] | None = None,
+    window: float | None = None,
+    stop_after: float | None = None,
+    tag: str = "",
     timeout: float = 600.0,
     progress: Callable[[int], None] | None = None,
 ) -> RunFigures:
-    """Deliver ``leads`` through all three stages; figures for this process's work."""
+    """Deliver ``leads`` (spread over ``publishers``, default all) through all three stages; figures
+    for this process's work. The run ends when every lead of the ``awaited`` publishers (default all)
+    is delivered, after ``stop_after`` seconds when given, or at ``timeout``. Raises
+    ConfigurationError for a bad setting."""
     settings = Settings.from_env(
         {
             "LEADWRITER_DATA_DIR": str(data_dir),
@@ -212,34 +253,50 @@ def run_lead_writer(
             "AZURE_AUTHORITY_HOST": sim.info.authority_host,
             "REQUESTS_CA_BUNDLE": sim.info.ca_path,
             "LEADWRITER_LOG_LEVEL": "WARNING",
+            "LEADWRITER_MAX_BATCH": str(max_batch),
         }
     )
     services = Services.from_settings(settings)
-    publishers = list(sim.apps)
+    publishers = publishers or list(sim.apps)
+    awaited = set(publishers) if awaited is None else awaited
     for publisher in publishers:
         services.connections.put(publisher, sim.connection(publisher))
     services.connections.reads = 0
     tokens_before = sim.token_requests()
     crm_before = {p: sim.crm_requests(p) for p in publishers}
+    logs_before = {p: sim.request_log(p) for p in publishers}
 
+    messages = [_message(publishers[n % len(publishers)], n, tag) for n in range(leads)]
+    expected = sum(1 for m in messages if m["publisherId"] in awaited)
     sent_at: dict[str, float] = {}
-    delivered_at: dict[str, float] = {}
+    delivered_at: dict[str, tuple[str, float]] = {}
+    awaited_done = 0
     done = threading.Event()
     lock = threading.Lock()
 
     def observe(settled: Settled) -> None:
+        nonlocal awaited_done
         if settled.stage == "write_lead" and settled.action == "delivered":
-            lead_id = str(settled.message.application_properties.get(PROP_LEAD_ID))
+            props = settled.message.application_properties
+            lead_id = str(props.get(PROP_LEAD_ID))
+            publisher = str(props.get(PROP_PUBLISHER_ID))
             with lock:
-                delivered_at[lead_id] = time.monotonic()
-                if len(delivered_at) >= leads:
-                    done.set()
+                if lead_id in delivered_at:
+                    return
+                delivered_at[lead_id] = (publisher, time.monotonic())
+                if publisher in awaited:
+                    awaited_done += 1
+                    if awaited_done >= expected:
+                        done.set()
 
-    messages = [_message(publishers[n % len(publishers)], n) for n in range(leads)]
     cpu_before = _cpu_seconds()
     started = time.monotonic()
     runtime = EmbeddedRuntime(
-        services.transport, services.pipeline, concurrency=concurrency, publisher_concurrency=8, observer=observe
+        services.transport,
+        services.pipeline,
+        concurrency=concurrency,
+        publisher_concurrency=publisher_concurrency,
+        observer=observe,
     ).start()
     try:
         batch: list[OutgoingMessage] = []
@@ -251,7 +308,7 @@ def run_lead_writer(
                 due = started + n * interval
                 pause = due - time.monotonic()
                 if pause > 0:
-                    time.sleep(pause)
+                    time.sleep(pause)  # pacing the producer, not waiting for a result
                 sent_at[lead_id] = time.monotonic()
                 services.transport.send(QUEUE_INCOMING, [item])
             else:
@@ -262,23 +319,42 @@ def run_lead_writer(
                     batch = []
         if batch:
             services.transport.send(QUEUE_INCOMING, batch)
-        deadline = started + timeout
+        deadline = started + (min(timeout, stop_after) if stop_after is not None else timeout)
         while not done.wait(0.5) and time.monotonic() < deadline:
             if progress is not None:
                 progress(len(delivered_at))
     finally:
         runtime.stop()
-    elapsed = (max(delivered_at.values()) if delivered_at else time.monotonic()) - started
     cpu = _cpu_seconds() - cpu_before
-    latencies = [(delivered_at[k] - sent_at[k]) * 1000 for k in delivered_at if k in sent_at]
+    with lock:
+        deliveries = dict(delivered_at)
+    awaited_times = [t for p, t in deliveries.values() if p in awaited]
+    end = time.monotonic() if stop_after is not None else max(awaited_times, default=time.monotonic())
+    elapsed = end - started
+    latencies = [(t - sent_at[k]) * 1000 for k, (_, t) in deliveries.items() if k in sent_at]
     crm = sum(sim.crm_requests(p) - crm_before[p] for p in publishers)
-    logs = [sim.request_log(p) for p in publishers]
-    count = max(len(delivered_at), 1)
+    logs = {p: sim.request_log(p) for p in publishers}
+    count = max(len(deliveries), 1)
+    per_publisher: dict[str, float] = {}
+    for publisher in publishers:
+        times = [t for p, t in deliveries.values() if p == publisher]
+        per_publisher[publisher] = round(len(times) / (max(times) - started), 1) if times else 0.0
+    windows: list[int] = []
+    if window:
+        windows = [0] * int(elapsed // window)
+        for t in awaited_times:
+            index = int((t - started) // window)
+            if index < len(windows):
+                windows[index] += 1
+    pacer = services.pipeline.pacer
+    in_flight_at_push_back = (
+        sum(pacer.snapshot(key).in_flight_at_push_back for key in pacer.known_keys()) if pacer is not None else 0
+    )
     figures = RunFigures(
         leads=leads,
-        delivered=len(delivered_at),
+        delivered=len(deliveries),
         seconds=round(elapsed, 3),
-        leads_per_second=round(len(delivered_at) / elapsed, 1) if elapsed > 0 else 0.0,
+        leads_per_second=round(len(awaited_times) / elapsed, 1) if elapsed > 0 else 0.0,
         latency_ms_p50=round(_percentile(latencies, 0.50), 1),
         latency_ms_p95=round(_percentile(latencies, 0.95), 1),
         latency_ms_p99=round(_percentile(latencies, 0.99), 1),
@@ -286,9 +362,16 @@ def run_lead_writer(
         token_requests_per_lead=round((sim.token_requests() - tokens_before) / count, 4),
         secret_reads_per_lead=round(services.connections.reads / count, 4),
         cpu_ms_per_lead=round(cpu * 1000 / count, 3),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        requests_during_penalty=sum(int(log["during_penalty"]) for log in logs),
-        throttled=sum(int(log["throttled"]) for log in logs),
+        peak_rss_mb=_peak_rss_mb(),
+        requests_during_penalty=sum(
+            int(logs[p]["during_penalty"]) - int(logs_before[p]["during_penalty"]) for p in publishers
+        ),
+        throttled=sum(int(logs[p]["throttled"]) - int(logs_before[p]["throttled"]) for p in publishers),
+        per_publisher_leads_per_second=per_publisher,
+        crm_requests=crm,
+        crm_requests_per_second=round(crm / elapsed, 2) if elapsed > 0 else 0.0,
+        leads_per_window=windows,
+        in_flight_at_push_back=in_flight_at_push_back,
     )
     services.close()
     return figures
@@ -332,7 +415,7 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
             verify=sim.info.ca_path,
             allow_redirects=False,
         ).raise_for_status()
-        message = parse_incoming(json.dumps(_message(publisher, 10_000_000 + n)).encode())
+        message = parse_incoming(json.dumps(_message(publisher, 10_000_000 + n, "naive")).encode())
         session.patch(
             base + f"leads({lead_record_id(message.publisher_id, message.lead_id)})",
             json=to_dataverse_columns(message),
@@ -356,59 +439,351 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
         token_requests_per_lead=round((sim.token_requests() - tokens_before) / leads, 4),
         secret_reads_per_lead=1.0,
         cpu_ms_per_lead=round((_cpu_seconds() - cpu_before) * 1000 / leads, 3),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=_peak_rss_mb(),
+        crm_requests=crm,
+        crm_requests_per_second=round(crm / elapsed, 2),
     )
+
+
+# --- scenarios ---------------------------------------------------------------------------------------
+
+ScenarioName = Literal["throughput", "nobatch", "limits", "overhead", "isolation", "memory"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark set-up. ``throttled_retry_after`` > 0 (isolation): the first publisher's CRM
+    answers its first request 429 with that long a penalty, and the other publishers' throughput is
+    compared with a run of theirs alone."""
+
+    name: str
+    summary: str
+    leads: int
+    publishers: int = 1
+    latency: float = 0.05
+    naive_leads: int = 0
+    rate: float = 0.0
+    requests_per_window: int = 6000
+    window_seconds: float = 300.0
+    max_batch: int = MAX_BATCH
+    throttled_retry_after: float = 0.0
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        # Dataverse's execution-time budget (1,200 s per 300 s) scaled with the window.
+        return {
+            "requestsPerWindow": self.requests_per_window,
+            "windowSeconds": self.window_seconds,
+            "executionSecondsPerWindow": 4.0 * self.window_seconds,
+            "maxConcurrent": 52,
+        }
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "throughput",
+            "2000 leads, 1 publisher, 50 ms CRM latency; against the naive deliverer",
+            2000,
+            naive_leads=100,
+        ),
+        Scenario(
+            "nobatch",
+            "the throughput run with batching off (LEADWRITER_MAX_BATCH=1)",
+            2000,
+            naive_leads=50,
+            max_batch=1,
+        ),
+        Scenario(
+            "limits",
+            "limits scaled down to 300 requests per 30 s, no batching, 3 windows with a backlog",
+            1000,
+            requests_per_window=300,
+            window_seconds=30.0,
+            max_batch=1,
+        ),
+        Scenario(
+            "overhead", "CRM latency 0, 100 leads/s offered: our own CPU and latency", 1000, latency=0.0, rate=100.0
+        ),
+        Scenario(
+            "isolation",
+            "10 publishers, one throttled for 10 min; the other nine vs a run of theirs alone",
+            3000,
+            publishers=10,
+            throttled_retry_after=600.0,
+        ),
+        Scenario("memory", "10,000 leads in flight over 10 publishers: peak RSS", 10_000, publishers=10),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 6 next to its measured figure."""
+
+    name: str
+    measured: float | None
+    op: Literal[">=", "<="]
+    limit: float
+
+    @property
+    def met(self) -> bool:
+        if self.measured is None:
+            return False
+        return self.measured >= self.limit if self.op == ">=" else self.measured <= self.limit
+
+
+def _targets(scenario: Scenario, result: dict[str, Any]) -> list[Target]:
+    ours: dict[str, Any] = result["leadwriter"]
+    name = scenario.name
+    if name == "throughput":
+        return [
+            Target("speed-up over the naive deliverer (x)", result.get("speedup"), ">=", 20.0),
+            Target("CRM requests per lead (batching)", ours["crm_requests_per_lead"], "<=", 0.2),
+        ]
+    if name == "nobatch":
+        return [Target("CRM requests per lead (no batching)", ours["crm_requests_per_lead"], "<=", 1.05)]
+    if name == "limits":
+        limits = result["limits"]
+        return [
+            Target("sustained share of the allowed request rate", limits["sustained_share"], ">=", 0.9),
+            Target("requests sent into a known penalty", limits["sent_into_known_penalty"], "<=", 0),
+        ]
+    if name == "overhead":
+        return [
+            Target("CPU ms per lead (latency 0)", ours["cpu_ms_per_lead"], "<=", 3.0),
+            Target("p99 enqueue-to-written ms at 100 leads/s", ours["latency_ms_p99"], "<=", 250.0),
+        ]
+    if name == "isolation":
+        iso = result["isolation"]
+        return [
+            Target("nine publishers' throughput vs unthrottled", iso["ratio"], ">=", 0.9),
+            Target("requests to the throttled CRM during its penalty", iso["throttled_org"]["during_penalty"], "<=", 0),
+        ]
+    if name == "memory":
+        return [Target("peak RSS MB at 10,000 leads in flight", ours["peak_rss_mb"], "<=", 200.0)]
+    return []
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b:
+        return None
+    return round(a / b, 3)
+
+
+def _status(message: str) -> None:
+    console.print(message)
+
+
+def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]:
+    """Run ``scenario`` against a simulator in a child process; every figure, and its targets.
+
+    Raises RuntimeError when the simulator cannot start.
+    """
+    result: dict[str, Any] = {
+        "scenario": scenario.name,
+        "summary": scenario.summary,
+        "config": {
+            "leads": scenario.leads,
+            "publishers": scenario.publishers,
+            "crmLatencyMs": scenario.latency * 1000,
+            "rate": scenario.rate,
+            "requestsPerWindow": scenario.requests_per_window,
+            "windowSeconds": scenario.window_seconds,
+            "maxBatch": scenario.max_batch,
+            "naiveLeads": scenario.naive_leads,
+            "throttledRetryAfter": scenario.throttled_retry_after,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="leadwriter-bench-") as tmp:
+        sim = SimulatorProcess(scenario.publishers, scenario.latency, scenario.limits, Path(tmp) / "simulator")
+        try:
+            common: dict[str, Any] = {
+                "rate": scenario.rate,
+                "max_batch": scenario.max_batch,
+                "concurrency": concurrency,
+                "timeout": max(600.0, scenario.leads / 2),
+            }
+            if scenario.throttled_retry_after > 0:
+                result.update(_run_isolation(sim, scenario, Path(tmp), common))
+            else:
+                _status(
+                    f"[{scenario.name}] Lead Writer: {scenario.leads} leads, {scenario.publishers} publisher(s), "
+                    f"CRM latency {scenario.latency * 1000:.0f} ms"
+                )
+                limited = scenario.name == "limits"
+                ours = run_lead_writer(
+                    sim,
+                    scenario.leads,
+                    data_dir=Path(tmp) / "leadwriter",
+                    window=scenario.window_seconds if limited else None,
+                    # Three whole windows, the backlog never empty: the first is the CRM's burst
+                    # allowance, the next two show the sustained rate.
+                    stop_after=3 * scenario.window_seconds + 1.0 if limited else None,
+                    **common,
+                )
+                result["leadwriter"] = asdict(ours)
+                if limited:
+                    result["limits"] = _limits_figures(scenario, ours)
+            naive_count = min(scenario.naive_leads, scenario.leads)
+            if naive_count > 0:
+                _status(f"[{scenario.name}] naive deliverer: {naive_count} leads")
+                naive = run_naive(sim, naive_count)
+                result["naive"] = asdict(naive)
+                result["speedup"] = _ratio(result["leadwriter"]["leads_per_second"], naive.leads_per_second)
+        finally:
+            sim.stop()
+    result["targets"] = [{**asdict(t), "met": t.met} for t in _targets(scenario, result)]
+    return result
+
+
+def _limits_figures(scenario: Scenario, ours: RunFigures) -> dict[str, Any]:
+    """Sustained use of a request limit: leads per whole window after the first (each lead is one
+    request without batching), against the limit; and requests that reached the CRM inside a penalty
+    beyond those already in flight when the 429 came back."""
+    later = ours.leads_per_window[1:]
+    sustained = sum(later) / len(later) if later else None
+    return {
+        "allowed_requests_per_window": scenario.requests_per_window,
+        "leads_per_window": ours.leads_per_window,
+        "sustained_requests_per_window": sustained,
+        "sustained_share": _ratio(sustained, scenario.requests_per_window),
+        "sustained_requests_per_second": round(sustained / scenario.window_seconds, 2) if sustained else None,
+        "allowed_requests_per_second": scenario.requests_per_window / scenario.window_seconds,
+        "throttled": ours.throttled,
+        "requests_during_penalty": ours.requests_during_penalty,
+        "in_flight_at_push_back": ours.in_flight_at_push_back,
+        "sent_into_known_penalty": max(0, ours.requests_during_penalty - ours.in_flight_at_push_back),
+    }
+
+
+def _run_isolation(sim: SimulatorProcess, scenario: Scenario, tmp: Path, common: dict[str, Any]) -> dict[str, Any]:
+    orgs = list(sim.apps)
+    throttled, others = orgs[0], orgs[1:]
+    per_publisher = max(1, scenario.leads // len(orgs))
+    _status(f"[isolation] the other {len(others)} publishers alone: {per_publisher * len(others)} leads")
+    calm = run_lead_writer(
+        sim, per_publisher * len(others), publishers=others, data_dir=tmp / "calm", tag="calm", **common
+    )
+    before = sim.request_log(throttled)
+    sim.throttle_next(throttled, 1, scenario.throttled_retry_after)
+    _status(
+        f"[isolation] all {len(orgs)} publishers, {throttled} throttled for "
+        f"{scenario.throttled_retry_after:.0f} s: {per_publisher * len(orgs)} leads"
+    )
+    hard = run_lead_writer(
+        sim,
+        per_publisher * len(orgs),
+        publishers=orgs,
+        awaited=set(others),
+        data_dir=tmp / "throttled",
+        tag="hard",
+        **common,
+    )
+    after = sim.request_log(throttled)
+    return {
+        "leadwriter": asdict(hard),
+        "unthrottled": asdict(calm),
+        "isolation": {
+            "throttled_publisher": throttled,
+            "others_leads_per_second": hard.leads_per_second,
+            "others_alone_leads_per_second": calm.leads_per_second,
+            "ratio": _ratio(hard.leads_per_second, calm.leads_per_second),
+            "throttled_org": {
+                "requests": int(after["total"]) - int(before["total"]),
+                "throttled": int(after["throttled"]) - int(before["throttled"]),
+                "during_penalty": int(after["during_penalty"]) - int(before["during_penalty"]),
+                "delivered": int(hard.per_publisher_leads_per_second.get(throttled, 0.0) > 0),
+            },
+        },
+    }
 
 
 def run_bench(
     *,
-    leads: int = 2000,
-    publishers: int = 1,
-    latency: float = 0.05,
-    naive_leads: int = 100,
-    rate: float = 0.0,
-    requests_per_window: int = 6000,
-    window_seconds: float = 300.0,
+    scenario: str = "throughput",
+    leads: int | None = None,
+    publishers: int | None = None,
+    latency: float | None = None,
+    naive_leads: int | None = None,
+    rate: float | None = None,
+    requests_per_window: int | None = None,
+    window_seconds: float | None = None,
+    max_batch: int | None = None,
     as_json: bool = False,
 ) -> int:
-    """Run the benchmark and print its figures; returns the exit status (1 if leads went missing)."""
-    limits = {"requestsPerWindow": requests_per_window, "windowSeconds": window_seconds, "maxConcurrent": 52}
-    with tempfile.TemporaryDirectory(prefix="leadwriter-bench-") as tmp:
-        sim = SimulatorProcess(publishers, latency, limits, Path(tmp) / "simulator")
-        try:
-            console.print(f"Lead Writer: {leads} leads, {publishers} publisher(s), CRM latency {latency * 1000:.0f} ms")
-            ours = run_lead_writer(sim, leads, rate=rate, data_dir=Path(tmp) / "leadwriter")
-            naive_count = min(naive_leads, leads)
-            console.print(f"naive deliverer: {naive_count} leads")
-            naive = run_naive(sim, naive_count)
-        finally:
-            sim.stop()
-    result = {
-        "config": {
-            "leads": leads,
-            "publishers": publishers,
-            "crmLatencyMs": latency * 1000,
-            "rate": rate,
-            "requestsPerWindow": requests_per_window,
-            "windowSeconds": window_seconds,
-        },
-        "leadwriter": asdict(ours),
-        "naive": asdict(naive),
-        "speedup": round(ours.leads_per_second / naive.leads_per_second, 1) if naive.leads_per_second else None,
+    """Run a scenario (options given override its values) and print its figures and targets.
+
+    Returns the exit status: 1 if leads went missing, 2 for an unknown scenario.
+    """
+    base = SCENARIOS.get(scenario)
+    if base is None:
+        console.print(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
+        return 2
+    overrides: dict[str, Any] = {
+        "leads": leads,
+        "publishers": publishers,
+        "latency": latency,
+        "naive_leads": naive_leads,
+        "rate": rate,
+        "requests_per_window": requests_per_window,
+        "window_seconds": window_seconds,
+        "max_batch": max_batch,
     }
+    chosen = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_scenario(chosen)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))  # the JSON is the command's output
     else:
-        table = Table(title=f"leadwriter bench — speed-up over the naive deliverer: {result['speedup']}x")
-        table.add_column("figure")
-        table.add_column("Lead Writer", justify="right")
-        table.add_column("naive", justify="right")
-        for name in asdict(ours):
-            if name == "per_publisher_leads_per_second":
-                continue
-            table.add_row(name.replace("_", " "), str(getattr(ours, name)), str(getattr(naive, name)))
-        Console().print(table)
-    return 0 if ours.delivered == leads else 1
+        _print_tables(result)
+    return 0 if _all_delivered(result) else 1
 
 
-__all__ = ["RunFigures", "run_bench", "run_lead_writer", "run_naive"]
+def _all_delivered(result: dict[str, Any]) -> bool:
+    if result["scenario"] == "limits" and "limits" in result:
+        # The run stops after three windows by design, with leads still queued.
+        return bool(result["leadwriter"]["delivered"] > 0)
+    runs = [result["leadwriter"], result.get("unthrottled")]
+    if "isolation" in result:
+        # The throttled publisher's leads wait out its penalty: the nine others' must all be there.
+        hard, calm = result["leadwriter"], result["unthrottled"]
+        nine = calm["leads"]
+        return bool(hard["delivered"] >= nine and calm["delivered"] >= nine)
+    return all(run["delivered"] == run["leads"] for run in runs if run is not None)
+
+
+def _print_tables(result: dict[str, Any]) -> None:
+    ours: dict[str, Any] = result["leadwriter"]
+    other_name, other = ("naive", result.get("naive"))
+    if "unthrottled" in result:
+        other_name, other = "nine alone", result["unthrottled"]
+    title = f"leadwriter bench --scenario {result['scenario']}"
+    if result.get("speedup") is not None:
+        title += f" — speed-up over the naive deliverer: {result['speedup']}x"
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("Lead Writer", justify="right")
+    if other is not None:
+        table.add_column(other_name, justify="right")
+    for name, value in ours.items():
+        if name == "per_publisher_leads_per_second":
+            continue
+        row = [name.replace("_", " "), str(value)]
+        if other is not None:
+            row.append(str(other.get(name)))
+        table.add_row(*row)
+    out = Console()
+    out.print(table)
+    for extra in ("limits", "isolation"):
+        if extra in result:
+            out.print(f"{extra}: {json.dumps(result[extra])}")
+    targets = Table(title="targets (issue 6)")
+    for column in ("target", "measured", "limit", "met"):
+        targets.add_column(column)
+    for t in result["targets"]:
+        targets.add_row(t["name"], str(t["measured"]), f"{t['op']} {t['limit']:g}", "yes" if t["met"] else "NO")
+    out.print(targets)
+
+
+__all__ = ["SCENARIOS", "RunFigures", "Scenario", "run_bench", "run_lead_writer", "run_naive", "run_scenario"]

@@ -4,6 +4,7 @@
     ├── RetryLater                 transient: reschedule the message (honour ``retry_after``)
     │   ├── CrmUnavailable         network error, timeout, connection reset, 5xx
     │   ├── CrmThrottled           429 service protection limit (``retry_after`` from Retry-After)
+    │   │   └── CrmPaced           not sent: in a penalty, or our own pacing says "not yet"
     │   ├── AuthorityUnavailable   the Entra token endpoint could not be reached or failed
     │   └── SecretStoreUnavailable Key Vault could not be reached, refused access or failed
     ├── DeadLetter                 permanent for this message: dead-letter it with ``reason``
@@ -93,6 +94,17 @@ class CrmUnavailable(RetryLater):
 
 class CrmThrottled(RetryLater):
     """The CRM answered 429: no request may go to this CRM user before ``retry_after`` elapses."""
+
+
+class CrmPaced(CrmThrottled):
+    """Nothing was sent: the CRM user is in a penalty, or client-side pacing (rate or concurrency)
+    says "not yet" for ``retry_after`` seconds. The message may simply wait that long; it has not
+    failed, so a runtime with a backlog keeps it there rather than spend a retry attempt on it.
+    ``wait`` says why (``penalty``, ``rate`` or ``concurrency``)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, wait: str = "penalty") -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.wait = wait
 
 
 class AuthorityUnavailable(RetryLater):

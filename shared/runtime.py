@@ -8,8 +8,16 @@ occupies at most its own slots: other publishers' messages are received and disp
 through the normal retry schedule (a rescheduled copy), so a flood from one publisher cannot fill
 the worker either.
 
-The write stage takes a publisher's whole backlog (up to ``MAX_BATCH``) as one ``$batch`` when there
-is one: single requests at low volume, batches under load.
+The write stage takes a publisher's whole backlog (up to the ``LEADWRITER_MAX_BATCH`` setting) as one
+``$batch`` when there is one: single requests at low volume, batches under load.
+
+CRM requests are paced per CRM user (shared/pacing.py). When the pacer or a 429 penalty says "not
+yet", the stage returns a ``Retry(not_sent=True)``: nothing reached the CRM, so the messages go back to
+the front of their publisher's backlog and that publisher is not dispatched again until the wait is
+(nearly) over. Waiting in the backlog rather than rescheduling is deliberate: a rescheduled copy
+spends one of the message's retry attempts (a long penalty would end in ``RetriesExhausted``), costs
+two broker writes per message and per wait, and loses the message's place in line; a held message
+costs nothing but its lock renewals, and no worker thread waits on it, so other publishers flow.
 
 Locks of held and in-flight messages are renewed; on shutdown in-flight messages finish and held
 ones are abandoned (delivered again at once) — never lost.
@@ -28,8 +36,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from shared.names import PROP_PUBLISHER_ID
+from shared.pacing import Pacer
 from shared.settle import Observer, settle
-from shared.stages import MAX_BATCH, STAGES, Outcome, Pipeline, Retry
+from shared.stages import STAGES, Outcome, Pipeline, Retry
 from shared.transport.base import LockLost, ReceivedMessage, Transport
 
 logger = logging.getLogger(__name__)
@@ -41,6 +50,9 @@ RENEW_MARGIN = 20.0
 
 #: A publisher with no finished work for this long while at its cap counts as stuck.
 STUCK_AFTER = 2.0
+#: A held publisher is dispatched this much before its wait ends: the pacer's short wait
+#: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
+HOLD_EARLY = 0.03
 
 
 @dataclass
@@ -48,6 +60,8 @@ class _PublisherState:
     backlog: deque[tuple[ReceivedMessage, float]] = field(default_factory=deque)
     in_flight: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    #: Not dispatched before this (monotonic): the pacer or a penalty said "not yet".
+    not_before: float = 0.0
 
 
 class StageWorker:
@@ -71,7 +85,8 @@ class StageWorker:
         self.publisher_concurrency = min(publisher_concurrency, concurrency)
         #: Messages held (backlog + in flight) at most; a publisher beyond its share is deferred only
         #: while it is stuck (see _receive).
-        self.capacity = max(concurrency * 8, MAX_BATCH * 2 if stage == "write_lead" else 0)
+        self.max_batch = pipeline.settings.max_batch
+        self.capacity = max(concurrency * 8, self.max_batch * 2 if stage == "write_lead" else 0)
         self.publisher_capacity = max(self.capacity // 2, self.publisher_concurrency)
         self.observer = observer
         self.batching = stage == "write_lead"
@@ -128,46 +143,74 @@ class StageWorker:
                     self._lock.wait(0.02)
             return
         now = time.monotonic()
-        deferred: list[ReceivedMessage] = []
+        deferred: list[tuple[ReceivedMessage, float | None]] = []
         with self._lock:
             for message in messages:
                 publisher = str(message.application_properties.get(PROP_PUBLISHER_ID, ""))
                 state = self._publishers.setdefault(publisher, _PublisherState())
-                stuck = now - state.last_progress > STUCK_AFTER
+                # Held for longer than a moment (a penalty): as stuck as a CRM that hangs.
+                held_for = state.not_before - now
+                stuck = now - state.last_progress > STUCK_AFTER or held_for > STUCK_AFTER
                 if len(state.backlog) + state.in_flight >= self.publisher_capacity and stuck:
-                    # Its CRM hangs or fails: holding more of its messages would crowd out others.
-                    deferred.append(message)
+                    # Its CRM hangs, fails or penalises us: holding more of its messages would crowd
+                    # out others. A held publisher's overflow comes back when its hold ends (one
+                    # reschedule per message), not every few seconds of the backoff schedule.
+                    deferred.append((message, held_for if held_for > STUCK_AFTER else None))
                     continue
                 state.backlog.append((message, now))
                 self._held += 1
-        for message in deferred:
-            self._run_outcome(message, Retry("publisher backlog full: deferred"), now)
+        for message, retry_after in deferred:
+            self._run_outcome(message, Retry("publisher backlog full: deferred", retry_after), now)
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            for state in self._publishers.values():
-                while state.backlog and state.in_flight < self.publisher_concurrency and self._busy < self.concurrency:
-                    take = min(len(state.backlog), MAX_BATCH) if self.batching else 1
+            for publisher, state in self._publishers.items():
+                if state.not_before > now or not state.backlog:
+                    continue
+                limit = self.publisher_concurrency
+                if self.batching:
+                    # Ask the pacer first: while it says "not yet" the backlog grows into one larger
+                    # $batch, instead of several small requests that would each be told to wait.
+                    wait, room = self.pipeline.pacing_room(publisher)
+                    if wait > HOLD_EARLY:
+                        state.not_before = now + wait - HOLD_EARLY
+                        continue
+                    limit = min(limit, state.in_flight + max(1, room))
+                while state.backlog and state.in_flight < limit and self._busy < self.concurrency:
+                    take = min(len(state.backlog), self.max_batch) if self.batching else 1
                     batch = [state.backlog.popleft() for _ in range(take)]
                     state.in_flight += 1
                     self._busy += 1
                     self._pool.submit(self._work, state, batch)
 
     def _work(self, state: _PublisherState, batch: list[tuple[ReceivedMessage, float]]) -> None:
+        held: list[tuple[ReceivedMessage, float]] = []
+        hold_for = 0.0
         try:
             messages = [m for m, _ in batch]
             if len(messages) == 1:
                 outcomes: list[Outcome] = [self.pipeline.handle(self.stage, messages[0])]
             else:
                 outcomes = self.pipeline.write_leads(messages)
-            for (message, started), outcome in zip(batch, outcomes, strict=True):
-                self._run_outcome(message, outcome, started)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Retry) and outcome.not_sent:
+                    held.append(item)
+                    hold_for = max(hold_for, outcome.retry_after or 0.0)
+                else:
+                    self._run_outcome(item[0], outcome, item[1])
         finally:
             with self._lock:
+                now = time.monotonic()
                 state.in_flight -= 1
-                state.last_progress = time.monotonic()
                 self._busy -= 1
-                self._held -= len(batch)
+                self._held -= len(batch) - len(held)
+                if held:
+                    # Back to the front, in their order: paced messages keep their place in line.
+                    state.backlog.extendleft(reversed(held))
+                    state.not_before = max(state.not_before, now + max(0.0, hold_for - HOLD_EARLY))
+                if len(held) < len(batch):
+                    state.last_progress = now
                 self._lock.notify_all()
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:
@@ -223,7 +266,10 @@ class EmbeddedRuntime:
         publisher_concurrency: int = 8,
         observer: Observer | None = None,
         stages: tuple[str, ...] = tuple(STAGES),
+        pacer: Pacer | None = None,
     ) -> None:
+        # The runtime's backlogs are where a paced message waits, so pacing is on wherever they are.
+        self.pacer = pipeline.enable_pacing(pacer)
         self.workers = [
             StageWorker(
                 stage,

@@ -59,6 +59,8 @@ class Settings(BaseModel):
     publisher_concurrency: Annotated[int, Field(ge=1, le=50)] = Field(
         default=8, alias="LEADWRITER_PUBLISHER_CONCURRENCY"
     )
+    #: Leads per ``$batch`` the write stage sends at most (Dataverse takes up to 1000); 1 disables batching.
+    max_batch: Annotated[int, Field(ge=1, le=1000)] = Field(default=100, alias="LEADWRITER_MAX_BATCH")
     crm_connect_timeout: Annotated[float, Field(gt=0)] = Field(default=5.0, alias="LEADWRITER_CRM_CONNECT_TIMEOUT")
     crm_read_timeout: Annotated[float, Field(gt=0)] = Field(default=30.0, alias="LEADWRITER_CRM_READ_TIMEOUT")
     #: Seconds between attempts of a transiently failing message (DESIGN §5 backoff); see shared/retry.py.

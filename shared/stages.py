@@ -28,6 +28,7 @@ from shared.dataverse import DataverseClient, LeadWrite, TokenProvider, WriteRes
 from shared.errors import (
     CONFIGURATION_REASONS,
     CredentialsMissing,
+    CrmPaced,
     DeadLetter,
     DeadLetterReason,
     InvalidLead,
@@ -40,6 +41,7 @@ from shared.errors import (
 from shared.lead import LeadMessage, lead_record_id, parse_incoming, to_dataverse_columns
 from shared.messages import envelope, replay_count_of
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED
+from shared.pacing import Pacer
 from shared.secretstore.base import ConnectionStore, InvalidPublisherId
 from shared.settings import Settings, parse_version
 from shared.throttle import PenaltyBook, Throttle
@@ -50,7 +52,8 @@ logger = logging.getLogger(__name__)
 CONNECTION_TTL = 30.0
 SOLUTION_TTL = 300.0
 SOLUTION_NEGATIVE_TTL = 30.0
-#: Leads per $batch request (Dataverse allows 1000; smaller batches keep one slow batch short).
+#: Default leads per $batch request (Dataverse allows 1000; smaller batches keep one slow batch short).
+#: The setting LEADWRITER_MAX_BATCH (Settings.max_batch) overrides it; 1 disables batching.
 MAX_BATCH = 100
 _MISSING = "\0missing"
 
@@ -71,6 +74,9 @@ class Delivered:
 class Retry:
     description: str
     retry_after: float | None = None
+    #: Nothing reached the CRM (a penalty, or pacing said "not yet"): a runtime with a backlog may
+    #: hold the message ``retry_after`` seconds instead of rescheduling it (no attempt is spent).
+    not_sent: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ def outcome_for_error(exc: BaseException) -> Outcome:
     """
     if isinstance(exc, DeadLetter):
         return Reject(exc.reason, str(exc))
+    if isinstance(exc, CrmPaced):
+        return Retry(str(exc), exc.retry_after, not_sent=True)
     if isinstance(exc, RetryLater):
         return Retry(str(exc), exc.retry_after)
     if isinstance(exc, UnsafeCrmUrl):
@@ -149,9 +157,11 @@ class Pipeline:
         *,
         tokens: TokenProvider | None = None,
         throttle: Throttle | None = None,
+        pacer: Pacer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.pacer = pacer
         self.connections = connections
         self.tokens = tokens or TokenProvider(settings)
         self.throttle = throttle or PenaltyBook(settings.data_dir / "penalties.json")
@@ -182,9 +192,38 @@ class Pipeline:
         with self._clients_lock:
             client = self._clients.get(key)
             if client is None:
-                client = DataverseClient(connection, self.settings, tokens=self.tokens, throttle=self.throttle)
+                client = DataverseClient(
+                    connection, self.settings, tokens=self.tokens, throttle=self.throttle, pacer=self.pacer
+                )
                 self._clients[key] = client
             return client
+
+    def enable_pacing(self, pacer: Pacer | None = None) -> Pacer:
+        """Pace CRM requests per CRM user from now on (shared/pacing.py); returns the pacer in use.
+
+        Only a runtime that can hold a paced message in a backlog turns this on (the embedded
+        runtime): without one, "not yet" would reschedule the message and spend one of its attempts.
+        """
+        with self._clients_lock:
+            if self.pacer is None:
+                self.pacer = pacer or Pacer()
+                # Clients made before keep no pacer; they are rebuilt on next use.
+                self._clients.clear()
+            return self.pacer
+
+    def pacing_room(self, publisher_id: str) -> tuple[float, int]:
+        """How long until the publisher's CRM user may take a request, and how many it may take now
+        (shared/pacing.py). Only what is cached is consulted — never the secret store — so a runtime
+        may ask while it dispatches; an unknown publisher answers "now, any number"."""
+        pacer = self.pacer
+        connection = self._connection_cache.get(publisher_id)
+        if pacer is None or connection is None:
+            return 0.0, self.settings.max_batch
+        with self._clients_lock:
+            client = self._clients.get(connection.fingerprint())
+        if client is None:
+            return 0.0, self.settings.max_batch
+        return pacer.room(client.throttle_key)
 
     def forget(self, publisher_id: str) -> None:
         """Drop what is cached for a publisher (after its connection changed)."""
@@ -316,8 +355,9 @@ class Pipeline:
                 index, _ = group[0]
                 outcomes[index] = self.handle("write_lead", messages[index])
                 continue
-            for start in range(0, len(group), MAX_BATCH):
-                chunk = group[start : start + MAX_BATCH]
+            size = self.settings.max_batch
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
                 for (index, _), outcome in zip(chunk, self._write_batch([lead for _, lead in chunk]), strict=True):
                     outcomes[index] = outcome
         return [o if o is not None else Retry("internal error: no outcome") for o in outcomes]

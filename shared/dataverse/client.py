@@ -35,9 +35,11 @@ from shared.dataverse.errors import (
     error_from_network,
     error_from_response,
     is_already_there,
+    odata_error,
     request_id_of,
 )
-from shared.errors import CrmThrottled, CrmUnavailable, LeadWriterError
+from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError
+from shared.pacing import Pacer, request_window_of
 from shared.settings import Settings
 from shared.throttle import Throttle
 from shared.urlguard import check_crm_url
@@ -93,13 +95,19 @@ class DataverseClient:
         *,
         tokens: TokenProvider,
         throttle: Throttle | None = None,
+        pacer: Pacer | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        """Raises UnsafeCrmUrl when the connection's URL is not an allowed CRM host."""
+        """Raises UnsafeCrmUrl when the connection's URL is not an allowed CRM host.
+
+        With a ``pacer``, every request first takes a slot of this CRM user's rate and concurrency
+        (see shared/pacing.py) and raises CrmPaced, unsent, when none frees within a short moment.
+        """
         self._origin = check_crm_url(connection.url, settings.crm_allowed_hosts)
         self._connection = connection
         self._tokens = tokens
         self._throttle = throttle
+        self._pacer = pacer
         self._session = session or requests.Session()
         self._timeout = (settings.crm_connect_timeout, settings.crm_read_timeout)
         self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
@@ -259,6 +267,8 @@ class DataverseClient:
         throttled = [r.error.retry_after or 0.0 for r in results if isinstance(r.error, CrmThrottled)]
         if throttled and self._throttle is not None:
             self._throttle.penalise(self._throttle_key, max(throttled))
+        if throttled and self._pacer is not None:
+            self._pacer.push_back(self._throttle_key, max(throttled))
         return results
 
     def _part_result(self, lead: LeadWrite, part: BatchResponse | None) -> WriteResult:
@@ -289,7 +299,8 @@ class DataverseClient:
     ) -> requests.Response:
         """Send one authorised request; returns the response for any status but 3xx, 401 and 429.
 
-        Raises CrmThrottled without sending while the CRM user is penalised, PermissionDenied on a
+        Raises CrmPaced (a CrmThrottled) without sending while the CRM user is penalised or the pacer
+        says "not yet", PermissionDenied on a
         redirect or a second 401, CrmThrottled on 429 (after recording the penalty), CrmUnavailable
         on network failures, and the token provider's errors.
         """
@@ -297,7 +308,7 @@ class DataverseClient:
         for attempt in (1, 2):
             self._check_penalty(operation)
             token = self._tokens.token(self._connection)
-            response = self._send(method, path, token, body=body, headers=headers, operation=operation)
+            response = self._paced_send(method, path, token, body=body, headers=headers, operation=operation)
             if response.status_code == 401 and attempt == 1:
                 # The cached token may have been revoked or the user re-created: one fresh token, once.
                 logger.debug("401 from %s on %s; retrying once with a fresh token", self._origin, operation)
@@ -318,11 +329,45 @@ class DataverseClient:
             return
         remaining = self._throttle.remaining(self._throttle_key)
         if remaining > 0:
-            raise CrmThrottled(
+            if self._pacer is not None:
+                # Another process (or a restart) learnt of this penalty: hold the pacer too.
+                self._pacer.penalise(self._throttle_key, remaining)
+            raise CrmPaced(
                 f"{operation} not sent: the CRM user is in a service protection penalty "
                 f"for {remaining:.1f} s",
                 retry_after=remaining,
             )
+
+    def _paced_send(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        *,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        operation: str,
+    ) -> requests.Response:
+        if self._pacer is None:
+            return self._send(method, path, token, body=body, headers=headers, operation=operation)
+        # The slot is taken after the token (a slow token endpoint must not hold a CRM slot) and
+        # right before the request leaves: the pacer's penalty check and the send are back to back.
+        permit = self._pacer.acquire(self._throttle_key)
+        try:
+            response = self._send(method, path, token, body=body, headers=headers, operation=operation)
+        except BaseException:
+            self._pacer.release(permit, ok=False)
+            raise
+        status = response.status_code
+        if status != 429:
+            self._pacer.release(permit, ok=status < 500)
+            return response
+        error = error_from_response(status, response.headers, response.content, operation=operation)
+        retry_after = error.retry_after if isinstance(error, CrmThrottled) and error.retry_after is not None else 1.0
+        # Dataverse names the request limit it enforces in the 429: the pacer keeps to it from now on.
+        window = request_window_of(odata_error(response.content)[1])
+        self._pacer.release(permit, ok=False, retry_after=retry_after, window=window)
+        return response
 
     def _send(
         self,

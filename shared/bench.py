@@ -666,6 +666,18 @@ def _run_isolation(sim: SimulatorProcess, scenario: Scenario, tmp: Path, common:
     calm = run_lead_writer(
         sim, per_publisher * len(others), publishers=others, data_dir=tmp / "calm", tag="calm", **common
     )
+    # A second reading of "their unthrottled throughput": all ten publishers, none throttled. The tenth
+    # then costs CPU too (it is delivered), so this baseline is lower than the nine alone.
+    _status(f"[isolation] all {len(orgs)} publishers, none throttled: {per_publisher * len(orgs)} leads")
+    all_calm = run_lead_writer(
+        sim,
+        per_publisher * len(orgs),
+        publishers=orgs,
+        awaited=set(others),
+        data_dir=tmp / "all-calm",
+        tag="all-calm",
+        **common,
+    )
     before = sim.request_log(throttled)
     sim.throttle_next(throttled, 1, scenario.throttled_retry_after)
     _status(
@@ -690,6 +702,8 @@ def _run_isolation(sim: SimulatorProcess, scenario: Scenario, tmp: Path, common:
             "others_leads_per_second": hard.leads_per_second,
             "others_alone_leads_per_second": calm.leads_per_second,
             "ratio": _ratio(hard.leads_per_second, calm.leads_per_second),
+            "others_with_all_unthrottled_leads_per_second": all_calm.leads_per_second,
+            "ratio_vs_all_unthrottled": _ratio(hard.leads_per_second, all_calm.leads_per_second),
             "throttled_org": {
                 "requests": int(after["total"]) - int(before["total"]),
                 "throttled": int(after["throttled"]) - int(before["throttled"]),

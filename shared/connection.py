@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -77,6 +79,17 @@ class Connection(BaseModel):
         A salted hash of the secret participates so that a rotated password gets a new token, but the
         fingerprint itself reveals nothing usable.
         """
+        return self._fingerprint
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Connection:
+        """A copy; with ``update`` the cached fingerprint is dropped (the fields it hashes may change)."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("_fingerprint", None)
+        return copied
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        # Asked several times per lead (client, token and solution caches); the model is frozen.
         material = "\x1f".join(
             [
                 self.url.rstrip("/").lower(),

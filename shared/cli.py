@@ -97,6 +97,12 @@ def serve(
             observer=services.observe,
         ).start()
         console.print("[green]stage workers running[/green]")
+    # Our handlers are in place before uvicorn's: uvicorn handles SIGINT/SIGTERM while it runs, then
+    # restores the handlers it found and raises the signal again — which must reach these (and let
+    # the workers drain below), not the default SIGTERM action that would kill the process first.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         if api:
             import uvicorn
@@ -104,7 +110,7 @@ def serve(
             from shared.api.app import create_app
 
             console.print(f"[green]API on http://{settings.http_host}:{settings.http_port}/api[/green]")
-            # uvicorn handles SIGINT/SIGTERM itself and returns after finishing requests in flight.
+            # Returns after finishing the requests in flight, on SIGINT/SIGTERM.
             uvicorn.run(
                 create_app(services),
                 host=settings.http_host,
@@ -114,9 +120,6 @@ def serve(
                 access_log=False,
             )
         else:
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
             stop.wait()
     finally:
         if runtime is not None:

@@ -107,3 +107,33 @@ def test_a_throttled_publisher_does_not_slow_the_others(simulator: CrmSimulator,
         h.wait_for(lambda: all(len(h.written(p)) == 20 for p in others), timeout=60)
         assert len(h.written(throttled)) == 0, "the throttled publisher waits out its 30 s penalty"
         assert simulator.requests(throttled).during_penalty == 0
+
+
+def test_sigterm_stops_serve_with_the_api_gracefully(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEADWRITER_", "APPLICATIONINSIGHTS_"))}
+    env.update(LEADWRITER_DATA_DIR=str(tmp_path / "data"), LEADWRITER_HTTP_PORT=str(port), COLUMNS="200")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        assert wait_until(healthy, 30), "the API did not come up"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    assert b"stopping: in-flight messages finish" in output

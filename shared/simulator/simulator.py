@@ -59,7 +59,8 @@ class CrmSimulator:
     """
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.2", authority_port: int = 443) -> None:
-        self.data_dir = Path(data_dir)
+        # Absolute, so the CA path it prints (REQUESTS_CA_BUNDLE=...) works from any directory.
+        self.data_dir = Path(data_dir).resolve()
         self.host = host
         self._authority_port = authority_port
         self._directory = Directory()

@@ -92,6 +92,8 @@ class StageWorker:
         self.batching = stage == "write_lead"
         self._publishers: dict[str, _PublisherState] = {}
         self._held = 0
+        #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
+        self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -187,6 +189,8 @@ class StageWorker:
     def _work(self, state: _PublisherState, batch: list[tuple[ReceivedMessage, float]]) -> None:
         held: list[tuple[ReceivedMessage, float]] = []
         hold_for = 0.0
+        with self._lock:
+            self._in_flight.update((id(m), m) for m, _ in batch)
         try:
             messages = [m for m, _ in batch]
             if len(messages) == 1:
@@ -202,6 +206,8 @@ class StageWorker:
         finally:
             with self._lock:
                 now = time.monotonic()
+                for m, _ in batch:
+                    self._in_flight.pop(id(m), None)
                 state.in_flight -= 1
                 self._busy -= 1
                 self._held -= len(batch) - len(held)
@@ -233,9 +239,13 @@ class StageWorker:
             )
 
     def _renew_locks(self) -> None:
-        threshold = datetime.now(UTC) + timedelta(seconds=RENEW_MARGIN)
+        """Renew the locks of held *and* in-flight messages that would lapse soon: a slow CRM call (up
+        to the read timeout) must not let its message be delivered again while it is being written."""
+        margin = min(RENEW_MARGIN, self.pipeline.settings.lock_duration / 2)
+        threshold = datetime.now(UTC) + timedelta(seconds=margin)
         with self._lock:
             held = [m for state in self._publishers.values() for m, _ in state.backlog]
+            held.extend(self._in_flight.values())
         for message in held:
             if message.locked_until is not None and message.locked_until < threshold:
                 try:
@@ -244,6 +254,9 @@ class StageWorker:
                     logger.warning("stage %s: could not renew the lock of %s", self.stage, message.message_id)
 
     def _drain(self) -> None:
+        # In-flight work finishes first (it may put paced messages back into a backlog), then every
+        # message still held is released, to be delivered again at once.
+        self._pool.shutdown(wait=True)
         with self._lock:
             held = [m for state in self._publishers.values() for m, _ in state.backlog]
             for state in self._publishers.values():
@@ -251,7 +264,6 @@ class StageWorker:
         for message in held:
             with contextlib.suppress(LockLost):
                 self.transport.abandon(message)
-        self._pool.shutdown(wait=True)
 
 
 class EmbeddedRuntime:

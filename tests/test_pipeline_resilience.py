@@ -137,3 +137,18 @@ def test_sigterm_stops_serve_with_the_api_gracefully(tmp_path: Path) -> None:
             process.kill()
     assert process.returncode == 0
     assert b"stopping: in-flight messages finish" in output
+
+
+def test_a_crm_call_longer_than_the_lock_keeps_its_message_locked_and_writes_once(
+    simulator: CrmSimulator, tmp_path: Path
+) -> None:
+    with running(simulator, tmp_path, LEADWRITER_LOCK_DURATION="1", LEADWRITER_CRM_READ_TIMEOUT="10") as h:
+        publisher = h.publisher()
+        simulator.faults(publisher).latency = 2.5  # every CRM call outlives the 1 s lock by far
+        h.send([lead_message(publisher, n) for n in range(3)])
+        h.start()
+        h.wait_for(lambda: len(h.written(publisher)) == 3 and h.pending() == 0, timeout=60)
+        log = simulator.requests(publisher)
+        assert log.solutions == 1, "the solution check was not repeated by a redelivered message"
+        assert log.batch_operations + log.lead_writes == 3, "no lead was written a second time"
+        assert h.dead_letters() == []

@@ -16,6 +16,7 @@ from azure.servicebus import ServiceBusReceivedMessage as SdkReceivedMessage
 
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore
+from shared.services import penalties_for
 from shared.settings import Settings
 from shared.settle import Sender, Settled, settle
 from shared.stages import STAGES, Outcome, Pipeline
@@ -100,7 +101,8 @@ def host() -> Host:
     """
     settings = Settings.from_env()
     configure_telemetry(settings)
-    pipeline = Pipeline(settings, ConnectionStore(make_secret_store(settings)))
+    secrets = make_secret_store(settings)
+    pipeline = Pipeline(settings, ConnectionStore(secrets), throttle=penalties_for(settings, secrets))
     status = StatusBook(settings.data_dir / "status.db")
     return Host(settings, pipeline, make_transport(settings), status=status)
 

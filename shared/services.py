@@ -16,6 +16,7 @@ from shared.settle import Settled
 from shared.stages import Pipeline
 from shared.status import StatusBook
 from shared.telemetry import Metrics, fan_out
+from shared.throttle import Throttle, penalty_book_for
 from shared.transport import make_transport
 from shared.transport.base import Transport
 
@@ -44,7 +45,7 @@ class Services:
             secrets=secrets,
             connections=connections,
             api_keys=ApiKeyStore(secrets),
-            pipeline=Pipeline(settings, connections),
+            pipeline=Pipeline(settings, connections, throttle=penalties_for(settings, secrets)),
             status=StatusBook(settings.data_dir / "status.db"),
         )
 
@@ -54,3 +55,11 @@ class Services:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def penalties_for(settings: Settings, secrets: SecretStore) -> Throttle:
+    """Where 429 penalties are kept: the data dir (shared by the processes of one machine), and with
+    Key Vault also the vault, so that every Azure instance honours a penalty any of them received."""
+    shared = secrets if settings.secret_backend == "keyvault" else None  # noqa: S105 - a backend name
+    return penalty_book_for(settings.data_dir, shared)
+

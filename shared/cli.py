@@ -174,7 +174,7 @@ def enqueue(
         except OSError as exc:
             console.print(f"[red]cannot read {escape(file)}: {escape(str(exc.strerror))}[/red]")
             raise typer.Exit(2) from None
-    if file != "-" and _is_single_object(file):
+    if file != "-" and _is_single_object(Path(file)):
         stream.close()
         stream = _as_single_line(Path(file))
     total = _count_lines(file) if file != "-" else None
@@ -208,17 +208,31 @@ def enqueue(
         raise typer.Exit(1)
 
 
-def _is_single_object(file: str) -> bool:
-    """A pretty-printed single JSON object spans lines; treat a file that parses whole as one message."""
+#: A pretty-printed single message is a lead, so it is small; JSON lines files may be any size.
+MAX_SINGLE_OBJECT = 4 * 1024 * 1024
+
+
+def _is_single_object(path: Path) -> bool:
+    """True for a file holding one pretty-printed JSON object spread over lines.
+
+    Decided from the first non-blank line alone, so a large JSON lines file is streamed, never read
+    whole: a line that is complete JSON on its own means JSON lines.
+    """
     try:
-        text = Path(file).read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
     except (OSError, UnicodeDecodeError):
         return False
-    if text.count("\n") <= 1:
-        return False
     try:
-        return isinstance(json.loads(text), dict)
+        json.loads(first)
+        return False
     except json.JSONDecodeError:
+        pass
+    try:
+        if path.stat().st_size > MAX_SINGLE_OBJECT:
+            return False
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
 
 

@@ -15,14 +15,14 @@ from typing import Protocol
 
 from azure.servicebus import ServiceBusReceivedMessage as SdkReceivedMessage
 
+from shared.ops.status import StatusBook
+from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
+from shared.pipeline.settle import Sender, Settled, settle
+from shared.pipeline.stages import STAGES, Outcome, Pipeline
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore
 from shared.services import penalties_for
 from shared.settings import Settings
-from shared.settle import Sender, Settled, settle
-from shared.stages import STAGES, Outcome, Pipeline
-from shared.status import StatusBook
-from shared.telemetry import Metrics, configure_telemetry, fan_out
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage
 from shared.transport.servicebus import from_service_bus_message

@@ -12,7 +12,7 @@ import azurefunctions.extensions.bindings.servicebus as servicebus
 
 from functions._host import run_stage, run_write_batch
 from shared.names import SERVICEBUS_CONNECTION
-from shared.stages import STAGES
+from shared.pipeline.stages import STAGES
 
 
 def stage_blueprint(stage: str) -> func.Blueprint:

@@ -8,15 +8,26 @@
     │   ├── AuthorityUnavailable   the Entra token endpoint could not be reached or failed
     │   └── SecretStoreUnavailable Key Vault could not be reached, refused access or failed
     ├── DeadLetter                 permanent for this message: dead-letter it with ``reason``
-    │   ├── InvalidLead
+    │   ├── InvalidLead            also an InvalidInput: the ingest endpoint answers it 422
     │   ├── CredentialsMissing
     │   ├── CredentialsRejected    carries the Entra error code (AADSTS…)
     │   ├── SolutionMissing
     │   ├── SolutionVersionUnsupported
     │   ├── PermissionDenied
     │   └── LeadRejected           carries the CRM's message
-    ├── UnsafeCrmUrl               a CRM URL outside the allowed Dynamics hosts (input error)
+    ├── InvalidInput               a caller's input is wrong: answer 422 / exit 2 naming ``field``
+    │   ├── UnsafeCrmUrl           a CRM URL outside the allowed Dynamics hosts
+    │   ├── InvalidPublisherId     a publisher id outside the pattern
+    │   ├── InvalidSecretName      a secret name outside Key Vault's rule
+    │   └── InvalidFilter          a dead-letter selection that names no queue or reason we know
+    ├── LockLost                   settling failed: the lock expired or the message is settled already;
+    │                              the caller forgets the message (the broker redelivers it)
+    ├── BrokerClosed               the embedded broker was closed under a caller
     └── ConfigurationError         a setting is missing or invalid (fails at start)
+
+``InvalidInput`` is also a ``ValueError``, so code that validates arguments reads as Python does. The
+CRM simulator (``shared.simulator``) is a stand-in for Dynamics, not part of the product, and keeps
+errors of its own.
 
 Every error carries service context (HTTP status, OData error code, request id) where there is one,
 and never a password, client secret or token: messages are composed by us from safe parts only.
@@ -116,19 +127,37 @@ class SecretStoreUnavailable(RetryLater):
 
 
 class DeadLetter(LeadWriterError):
-    """Permanent failure for this message: dead-letter it with :attr:`reason`."""
+    """Permanent failure for this message: dead-letter it with :attr:`reason`.
 
-    reason: DeadLetterReason = DeadLetterReason.LEAD_REJECTED
+    Abstract: every subclass names its own reason, so no error is dead-lettered under a reason that
+    was merely the default.
+    """
+
+    reason: DeadLetterReason
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reason" not in cls.__dict__ and not any("reason" in vars(base) for base in cls.__mro__[1:-1]):
+            raise TypeError(f"{cls.__name__} must name its dead-letter reason")
+
+    def __init__(self, message: str, **context: object) -> None:
+        if type(self) is DeadLetter:
+            raise TypeError("DeadLetter is abstract: raise the subclass that names the reason")
+        super().__init__(message, **context)  # type: ignore[arg-type]
 
 
-class InvalidLead(DeadLetter):
-    """The body is not a lead; ``field`` names the offending field when there is one."""
-
-    reason = DeadLetterReason.INVALID_LEAD
+class InvalidInput(LeadWriterError, ValueError):
+    """A caller's input is wrong; ``field`` names it (``body`` when it is the whole input)."""
 
     def __init__(self, message: str, *, field: str | None = None, **context: object) -> None:
         super().__init__(message, **context)  # type: ignore[arg-type]
         self.field = field
+
+
+class InvalidLead(DeadLetter, InvalidInput):
+    """The body is not a lead; ``field`` names the offending field when there is one."""
+
+    reason = DeadLetterReason.INVALID_LEAD
 
 
 class CredentialsMissing(DeadLetter):
@@ -161,8 +190,34 @@ class LeadRejected(DeadLetter):
     reason = DeadLetterReason.LEAD_REJECTED
 
 
-class UnsafeCrmUrl(LeadWriterError):
-    """A CRM URL that is not an allowed Dynamics host (DESIGN §4 SSRF guard)."""
+class UnsafeCrmUrl(InvalidInput):
+    """A URL that is not an allowed host: a CRM outside the Dynamics hosts (the SSRF guard)."""
+
+    def __init__(self, message: str, *, field: str | None = "url", **context: object) -> None:
+        super().__init__(message, field=field, **context)
+
+
+class InvalidPublisherId(InvalidInput):
+    """A publisher id (or a secret name derived from one) outside the allowed pattern."""
+
+    def __init__(self, message: str, *, field: str | None = "publisherId", **context: object) -> None:
+        super().__init__(message, field=field, **context)
+
+
+class InvalidSecretName(InvalidInput):
+    """A secret name outside the rule every secret store shares (Key Vault's)."""
+
+
+class InvalidFilter(InvalidInput):
+    """A dead-letter selection (queue, reason, limit …) that cannot be used; ``field`` names it."""
+
+
+class LockLost(LeadWriterError):
+    """Settlement failed because the lock expired or the message was settled already."""
+
+
+class BrokerClosed(LeadWriterError):
+    """The embedded broker was closed while a caller still used it."""
 
 
 class ConfigurationError(LeadWriterError):

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.apikeys import ApiKeyStore
+from shared.crm.penalties import Throttle, penalty_book_for
+from shared.ops.apikeys import ApiKeyStore
+from shared.ops.status import StatusBook
+from shared.ops.telemetry import Metrics, fan_out
+from shared.pipeline.settle import Settled
+from shared.pipeline.stages import Pipeline
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, SecretStore
 from shared.settings import Settings
-from shared.settle import Settled
-from shared.stages import Pipeline
-from shared.status import StatusBook
-from shared.telemetry import Metrics, fan_out
-from shared.throttle import Throttle, penalty_book_for
 from shared.transport import make_transport
 from shared.transport.base import Transport
 
@@ -30,7 +30,7 @@ class Services:
     api_keys: ApiKeyStore
     pipeline: Pipeline
     status: StatusBook
-    #: Settlement counters of this process (shared.telemetry); fed by :meth:`observe`.
+    #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod

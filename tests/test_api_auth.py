@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from shared.apikeys import RECORD_PREFIX
 from shared.names import QUEUE_INCOMING
+from shared.ops.apikeys import RECORD_PREFIX
 from shared.secretstore.base import secret_name_for
 from shared.transport.base import OutgoingMessage
-from tests.test_api_server import ADMIN_KEY, MARKETPLACE_LEAD, ApiStack, api_stack
+from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD, ApiStack, api_stack
 
 CONNECTION_BODY = {
     "url": "https://contoso.crm4.dynamics.com",

@@ -11,19 +11,19 @@ from typing import Any
 import pytest
 
 from shared.errors import DeadLetterReason
-from shared.lead import lead_record_id
 from shared.names import QUEUE_INCOMING
-from shared.runtime import wait_until
+from shared.pipeline.lead import lead_record_id
+from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator, SimOrg
 from shared.transport.base import OutgoingMessage
-from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, sim_username
-from tests.test_api_server import (
+from tests.fixtures.api import (
     MARKETPLACE_LEAD,
     ApiStack,
     api_stack,
     client_secret_body,
     password_body,
 )
+from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, sim_username
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import pytest
 
 import functions.http
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, SERVICEBUS_CONNECTION
-from tests.test_api_server import ADMIN_KEY, MARKETPLACE_LEAD
+from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD
 
 # ``app.get_functions()`` may run once per process (a second call refuses the names as duplicates), so
 # the one cached call of the stage adapters' tests is shared here.
-from tests.test_functions_app import registered
+from tests.fixtures.functions import registered
 
 
 def _trigger(name: str) -> dict[str, Any]:

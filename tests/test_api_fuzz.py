@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.simulator import CrmSimulator, SimOrg
+from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD, SECURITY_HEADERS, ApiStack, api_stack
 from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, sim_username
-from tests.test_api_server import ADMIN_KEY, MARKETPLACE_LEAD, SECURITY_HEADERS, ApiStack, api_stack
 
 EXAMPLES = 350
 PUBLISHER = "fuzzpub"

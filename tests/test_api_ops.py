@@ -12,9 +12,9 @@ import pytest
 
 from shared.api.routes_publishers import PublisherCounter
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
-from shared.runtime import wait_until
+from shared.runtime.embedded import wait_until
 from shared.transport.base import OutgoingMessage, Transport
-from tests.test_api_server import MARKETPLACE_LEAD, ApiStack, api_stack
+from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack
 
 
 @pytest.fixture

@@ -1,199 +1,28 @@
 """The HTTP API served for real: uvicorn on a free 127.0.0.1 port, called over the socket with httpx.
 
-Also home of the helpers the other ``test_api_*`` modules use (:class:`ApiServer`, :func:`api_stack`):
-the envelope of every answer (health, security headers, 404, 413, 422 shapes, the request log).
+The envelope of every answer (health, security headers, 404, 413, 422 shapes, the request log).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
-from shared.api import create_app
-from shared.apikeys import ApiKeyStore
 from shared.errors import SecretStoreUnavailable
-from shared.runtime import EmbeddedRuntime, wait_until
+from shared.ops.apikeys import ApiKeyStore
+from shared.runtime.embedded import wait_until
 from shared.secretstore.base import CONTENT_TYPE, ConnectionStore, SecretStore
 from shared.services import Services
-from shared.settings import Settings
-from shared.simulator import CrmSimulator, SimOrg
-from tests.fixtures.simulator import SIM_PASSWORD, sim_username, simulator_settings
-
-ADMIN_KEY = "lw-admin-" + "k3y-for-tests-0123456789abcdef"
-FAST_ENV = {
-    "LEADWRITER_RETRY_SCHEDULE": "0.2,0.4,0.8,1,1",
-    "LEADWRITER_CRM_READ_TIMEOUT": "3",
-    "LEADWRITER_CRM_CONNECT_TIMEOUT": "3",
-}
-
-
-class ApiServer:
-    """``create_app(services)`` under uvicorn in a thread, on a port the OS chose."""
-
-    def __init__(self, services: Services) -> None:
-        self.app = create_app(services)
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that name it, and without it
-        # every answer written in two parts waits out the client's delayed ACK (40 ms).
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="api-server", daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ApiServer:
-        self._thread.start()
-        assert wait_until(lambda: self._server.started, timeout=10), "uvicorn did not start"
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
-
-
-@dataclass
-class ApiStack:
-    """A running API over real services on a temporary data dir, and a client for it."""
-
-    services: Services
-    server: ApiServer
-    client: httpx.Client
-    simulator: CrmSimulator | None
-    data_dir: Path
-    runtime: EmbeddedRuntime | None = None
-
-    def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-    def key_for(self, publisher_id: str) -> str:
-        answer = self.client.post(f"/api/admin/publishers/{publisher_id}/keys", headers=self.admin())
-        assert answer.status_code == 201, answer.text
-        key: str = answer.json()["key"]
-        return key
-
-    def bearer(self, key: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key}"}
-
-    def start_runtime(self) -> EmbeddedRuntime:
-        self.runtime = EmbeddedRuntime(
-            self.services.transport, self.services.pipeline, observer=self.services.status.observe
-        ).start()
-        return self.runtime
-
-    def stop_runtime(self) -> None:
-        if self.runtime is not None:
-            self.runtime.stop()
-            self.runtime = None
-
-
-def make_settings(
-    data_dir: Path, simulator: CrmSimulator | None = None, *, admin_key: str | None = ADMIN_KEY, **env: str
-) -> Settings:
-    """Settings on ``data_dir`` with short CRM timeouts, the admin key, and the simulator when given."""
-    values = {**FAST_ENV, **env}
-    if admin_key is not None:
-        values["LEADWRITER_ADMIN_KEY"] = admin_key
-    if simulator is not None:
-        return simulator_settings(simulator, data_dir, **values)
-    return Settings.from_env({"LEADWRITER_DATA_DIR": str(data_dir), **values})
-
-
-@contextmanager
-def api_stack(
-    data_dir: Path,
-    simulator: CrmSimulator | None = None,
-    *,
-    admin_key: str | None = ADMIN_KEY,
-    services: Services | None = None,
-    **env: str,
-) -> Iterator[ApiStack]:
-    """Services on ``data_dir`` (pointed at ``simulator`` when given), the API serving them, a client."""
-    if services is None:
-        services = Services.from_settings(make_settings(data_dir, simulator, admin_key=admin_key, **env))
-    server = ApiServer(services).start()
-    client = httpx.Client(base_url=server.url, timeout=30.0, follow_redirects=False)
-    stack = ApiStack(services, server, client, simulator, data_dir)
-    try:
-        yield stack
-    finally:
-        stack.stop_runtime()
-        client.close()
-        server.stop()
-        services.close()
-
-
-def password_body(org: SimOrg, password: str = SIM_PASSWORD, **auth: Any) -> dict[str, Any]:
-    return {
-        "url": org.url,
-        "auth": {"kind": "password", "username": sim_username(org), "password": password, **auth},
-    }
-
-
-def client_secret_body(org: SimOrg, client_id: str, secret: str) -> dict[str, Any]:
-    return {
-        "url": org.url,
-        "auth": {
-            "kind": "clientSecret",
-            "tenantId": org.tenant_id,
-            "clientId": client_id,
-            "clientSecret": secret,
-        },
-    }
-
-
-MARKETPLACE_LEAD: Mapping[str, Any] = {
-    "UserDetails": {
-        "FirstName": "Ada",
-        "LastName": "Lovelace",
-        "Email": "ada@example.com",
-        "Phone": "1234567890",
-        "Country": "US",
-        "Company": "Contoso",
-        "Title": "CTO",
-    },
-    "LeadSource": "AzureMarketplace-INS|contoso.widget-saas",
-    "ActionCode": "INS",
-    "OfferTitle": "Contoso Widget",
-    "Description": "Wants a demo",
-}
-
-SECURITY_HEADERS = {
-    "x-content-type-options": "nosniff",
-    "cache-control": "no-store",
-    "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
-}
-
-
-def assert_security_headers(answer: httpx.Response, *, docs: bool = False) -> None:
-    for name, value in SECURITY_HEADERS.items():
-        assert answer.headers.get(name) == value, name
-    csp = answer.headers.get("content-security-policy", "")
-    if docs:
-        assert "script-src" in csp
-    else:
-        assert csp.startswith("default-src 'none'")
-
+from tests.fixtures.api import (
+    MARKETPLACE_LEAD,
+    ApiStack,
+    api_stack,
+    assert_security_headers,
+    make_settings,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Tests of the envelope

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.apikeys import ApiKeyStore
+from shared.ops.apikeys import ApiKeyStore
 from shared.secretstore.base import InvalidPublisherId, secret_name_for
 from shared.secretstore.embedded import EmbeddedSecretStore
 from shared.secretstore.keyvault import KeyVaultSecretStore

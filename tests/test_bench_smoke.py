@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from shared.bench import SCENARIOS, run_bench, run_scenario
-from shared.cli import app
+from shared.tools.bench import SCENARIOS, run_bench, run_scenario
+from shared.tools.cli import app
 
 pytestmark = pytest.mark.slow
 

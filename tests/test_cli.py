@@ -20,19 +20,19 @@ from pathlib import Path
 import pytest
 
 from shared.errors import DeadLetterReason
-from shared.messages import envelope
 from shared.names import PROP_LEAD_ID, PROP_REPLAY_COUNT, QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
+from shared.ops.status import StatusBook
+from shared.pipeline.messages import envelope
+from shared.pipeline.settle import settle
+from shared.pipeline.stages import Reject
 from shared.settings import Settings
-from shared.settle import settle
-from shared.stages import Reject
-from shared.status import StatusBook
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage, Transport
 
 REPO = Path(__file__).resolve().parent.parent
-#: The console script ``pip install -e .`` puts next to the interpreter; ``-m shared.cli`` if absent.
+#: The console script ``pip install -e .`` puts next to the interpreter; ``-m shared.tools.cli`` if absent.
 SCRIPT = Path(sys.executable).with_name("leadwriter")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "shared.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "shared.tools.cli"]
 
 
 @dataclass(frozen=True)

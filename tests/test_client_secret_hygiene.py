@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.connection import ClientSecretAuth, Connection, PasswordAuth
-from shared.dataverse import DataverseClient, LeadWrite, TokenProvider
+from shared.crm import DataverseClient, LeadWrite, TokenProvider
+from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
+from shared.crm.penalties import PenaltyBook
 from shared.errors import LeadWriterError
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
-from shared.throttle import PenaltyBook
 from tests.fixtures.simulator import SIM_CLIENT_SECRET, SIM_PASSWORD, simulator_settings
 
 # Distinctive secrets so that a leak cannot hide behind a common substring.

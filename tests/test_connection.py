@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from shared.connection import ClientSecretAuth, Connection, PasswordAuth
+from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
 
 
 def _connection(url: str = "https://contoso.crm4.dynamics.com", secret: str = "s3cret-value") -> Connection:

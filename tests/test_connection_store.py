@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from shared.connection import Connection, PasswordAuth
+from shared.crm.connection import Connection, PasswordAuth
 from shared.secretstore.base import (
     CONNECTION_PREFIX,
     PUBLISHER_ID_PATTERN,

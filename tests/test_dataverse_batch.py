@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.dataverse.batch import (
+from shared.crm.batch import (
     BatchFormatError,
     BatchRequest,
     boundary_of,

@@ -13,15 +13,16 @@ import pytest
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from msal.exceptions import MsalServiceError  # type: ignore[import-untyped]
 
-from shared.connection import ClientSecretAuth, Connection, PasswordAuth
-from shared.dataverse import DataverseClient, LeadWrite, TokenProvider, WhoAmI
-from shared.dataverse.auth import tenant_from_challenge
-from shared.dataverse.errors import (
+from shared.crm import DataverseClient, LeadWrite, TokenProvider, WhoAmI
+from shared.crm.auth import tenant_from_challenge
+from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
+from shared.crm.errors import (
     error_from_response,
     error_from_token_failure,
     is_already_there,
     retry_after_seconds,
 )
+from shared.crm.penalties import PenaltyBook
 from shared.errors import (
     AuthorityUnavailable,
     CredentialsRejected,
@@ -35,7 +36,6 @@ from shared.errors import (
 )
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
-from shared.throttle import PenaltyBook
 from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, simulator_settings
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.dataverse.client import _session_for
+from shared.crm.client import _session_for
 
 
 def test_the_session_takes_the_environment_proxies_for_the_crm_once(monkeypatch: pytest.MonkeyPatch) -> None:

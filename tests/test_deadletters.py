@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from shared.deadletters import (
+from shared.errors import DeadLetterReason
+from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
+from shared.ops.deadletters import (
     DeadLetterFilter,
     DeadLetterItem,
     configuration_filter,
@@ -26,9 +28,7 @@ from shared.deadletters import (
     replay,
     replay_copy,
 )
-from shared.errors import DeadLetterReason
-from shared.messages import envelope, hop_message_id
-from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
+from shared.pipeline.messages import envelope, hop_message_id
 from shared.transport.base import OutgoingMessage, PropertyValue, ReceivedMessage
 from shared.transport.embedded import EmbeddedBroker
 

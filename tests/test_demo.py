@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo import run_demo
+from shared.tools.demo import run_demo
 
 
 def test_the_demo_delivers_every_valid_lead_once_and_dead_letters_the_malformed_one(

@@ -8,7 +8,6 @@ extension hands it over: decoded from AMQP, no receiver) and a recording stand-i
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +16,12 @@ from typing import Any
 import azure.functions as func
 import pytest
 
-import function_app
 from functions import _host
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, SERVICEBUS_CONNECTION
 from shared.simulator import CrmSimulator
-from tests.harness import Harness, lead_message
-from tests.test_servicebus_adapter import sdk_message
-
-
-@functools.cache
-def registered() -> dict[str, Any]:
-    # get_functions() may be called once per app object (a second call raises a duplicate-name error).
-    return {fn.get_function_name(): fn for fn in function_app.app.get_functions()}
+from tests.fixtures.functions import registered
+from tests.fixtures.harness import Harness, lead_message
+from tests.fixtures.servicebus import sdk_message
 
 
 @pytest.mark.parametrize(
@@ -126,7 +119,7 @@ def test_a_malformed_lead_is_dead_lettered_at_once_with_its_reason(functions_hos
 
 
 def test_the_write_trigger_delivers_the_lead_to_the_crm(functions_host: Harness, simulator: CrmSimulator) -> None:
-    from shared.lead import parse_incoming
+    from shared.pipeline.lead import parse_incoming
 
     publisher = functions_host.publisher()
     normalised = parse_incoming(json.dumps(lead_message(publisher, 3)).encode()).to_body()
@@ -147,7 +140,7 @@ def test_the_write_trigger_delivers_the_lead_to_the_crm(functions_host: Harness,
 def test_the_write_trigger_sends_a_batch_of_one_publisher_as_one_crm_request(
     functions_host: Harness, simulator: CrmSimulator
 ) -> None:
-    from shared.lead import parse_incoming
+    from shared.pipeline.lead import parse_incoming
 
     publisher = functions_host.publisher()
     messages = []

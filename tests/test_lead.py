@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shared.errors import DeadLetterReason, InvalidLead
-from shared.lead import (
+from shared.pipeline.lead import (
     ACTION_DESCRIPTIONS,
     COLUMN_MAX_LENGTHS,
     MAX_BODY_BYTES,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.errors import InvalidLead
-from shared.lead import (
+from shared.pipeline.lead import (
     COLUMN_MAX_LENGTHS,
     Customer,
     LeadMessage,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.messages import MAX_MESSAGE_ID, envelope, hop_message_id, rescheduled_copy
+from shared.pipeline.messages import MAX_MESSAGE_ID, envelope, hop_message_id, rescheduled_copy
 from shared.transport.base import ReceivedMessage
 
 

@@ -1,4 +1,4 @@
-"""Client-side pacing (shared/pacing.py): AIMD rate, concurrency cap and penalties as tables over a
+"""Client-side pacing (shared/crm/pacing.py): AIMD rate, concurrency cap and penalties as tables over a
 hand-driven clock; then the pacer in the real client and runtime against the CRM simulator."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from shared.crm.pacing import Decision, Pacer, PacingPolicy, Permit, RequestWindow, Wait, request_window_of
 from shared.errors import ConfigurationError, CrmPaced, CrmThrottled
-from shared.pacing import Decision, Pacer, PacingPolicy, Permit, RequestWindow, Wait, request_window_of
-from shared.runtime import EmbeddedRuntime
+from shared.pipeline.settle import Settled
+from shared.pipeline.stages import Delivered, Retry, outcome_for_error
+from shared.runtime.embedded import EmbeddedRuntime
 from shared.settings import Settings
-from shared.settle import Settled
 from shared.simulator import CrmSimulator
-from shared.stages import Delivered, Retry, outcome_for_error
-from tests.harness import lead_message, running
+from tests.fixtures.harness import lead_message, running
 
 KEY = "https://contoso.crm4.dynamics.com|svc@contoso.example"
 OTHER = "https://fabrikam.crm4.dynamics.com|svc@fabrikam.example"

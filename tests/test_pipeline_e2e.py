@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from shared.errors import DeadLetterReason
-from shared.lead import lead_record_id, parse_incoming
-from shared.messages import envelope
 from shared.names import QUEUE_READY
+from shared.pipeline.lead import lead_record_id, parse_incoming
+from shared.pipeline.messages import envelope
 from shared.simulator import CrmSimulator
-from tests.harness import lead_message, running
+from tests.fixtures.harness import lead_message, running
 
 
 def test_varied_leads_for_several_publishers_are_each_written_exactly_once(

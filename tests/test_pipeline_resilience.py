@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.runtime import wait_until
+from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator
-from tests.harness import FAST_ENV, Harness, lead_message, running
+from tests.fixtures.harness import FAST_ENV, Harness, lead_message, running
 
 
 def _worker_env(harness: Harness) -> dict[str, str]:
@@ -57,7 +57,7 @@ def test_killing_a_worker_mid_flight_loses_nothing_and_writes_nothing_twice(
 
         def start() -> subprocess.Popen[bytes]:
             process = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "serve", "--no-api"],
+                [sys.executable, "-m", "shared.tools.cli", "serve", "--no-api"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -118,7 +118,7 @@ def test_sigterm_stops_serve_with_the_api_gracefully(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LEADWRITER_", "APPLICATIONINSIGHTS_"))}
     env.update(LEADWRITER_DATA_DIR=str(tmp_path / "data"), LEADWRITER_HTTP_PORT=str(port), COLUMNS="200")
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "shared.tools.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
 

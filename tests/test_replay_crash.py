@@ -1,6 +1,6 @@
 """A bulk replay SIGKILLed between a send and its complete loses nothing, and a re-run doubles nothing.
 
-A child process runs the real :func:`shared.deadletters.replay` against the real embedded broker file,
+A child process runs the real :func:`shared.ops.deadletters.replay` against the real embedded broker file,
 through a thin wrapper of our own port that kills the process right after its Nth send returns, before
 the dead letters of that batch are completed. The test then waits (polling the broker, with a deadline)
 for the child's dead-letter locks to lapse, runs the replay again, and counts leads in the stage queues.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.deadletters import DeadLetterFilter, replay
-from shared.messages import envelope, hop_message_id
 from shared.names import QUEUE_INCOMING, QUEUE_READY, STAGE_QUEUES
+from shared.ops.deadletters import DeadLetterFilter, replay
+from shared.pipeline.messages import envelope, hop_message_id
 from shared.transport.base import ReceivedMessage
 from shared.transport.embedded import EmbeddedBroker
 
@@ -33,7 +33,7 @@ CHILD = """
 import os, signal, sys
 from pathlib import Path
 
-from shared.deadletters import DeadLetterFilter, replay
+from shared.ops.deadletters import DeadLetterFilter, replay
 from shared.transport.embedded import EmbeddedBroker
 
 path, kill_after, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.retry import BACKOFF_SCHEDULE, MAX_ATTEMPTS, RETRY_AFTER_JITTER_MAX, next_retry
+from shared.pipeline.retry import BACKOFF_SCHEDULE, MAX_ATTEMPTS, RETRY_AFTER_JITTER_MAX, next_retry
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from shared.names import STAGE_QUEUES
-from shared.runtime import wait_until
+from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator
-from tests.test_api_server import ADMIN_KEY, MARKETPLACE_LEAD, api_stack
+from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD, api_stack
 
 #: The shape of a JWT (every token the simulator issues is one): header.payload starting ``eyJ``.
 _JWT = re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}")

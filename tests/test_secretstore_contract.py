@@ -1,7 +1,7 @@
 """The SecretStore contract, run against every adapter that can run here, then each adapter's own rules.
 
 The embedded store runs on a real SQLite file; Key Vault runs through the real ``azure-keyvault-secrets``
-SDK over HTTPS against ``tests/keyvault_stub.py``.
+SDK over HTTPS against ``tests/fixtures/keyvault_stub.py``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from pydantic import SecretStr
 
-from shared.connection import ClientSecretAuth, Connection, PasswordAuth, Verification
+from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth, Verification
 from shared.errors import ConfigurationError, RetryLater, SecretStoreUnavailable
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, InvalidSecretName, SecretStore, secret_name_for
 from shared.secretstore.embedded import EmbeddedSecretStore, generate_key
 from shared.secretstore.keyvault import CONFLICT_ATTEMPTS, KeyVaultSecretStore
 from shared.settings import Settings
-from tests.keyvault_stub import KeyVaultStub, StaticTokenCredential
+from tests.fixtures.keyvault_stub import KeyVaultStub, StaticTokenCredential
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "S3cr3t-Pässword-🔑-ONLY-IN-THE-STORE"

@@ -9,7 +9,6 @@ they record calls and raise the SDK's own exceptions; they do not pretend to be 
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,7 @@ from azure.servicebus import (
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
-from azure.servicebus._pyamqp._decode import decode_payload
 from azure.servicebus._pyamqp._encode import encode_payload
-from azure.servicebus._pyamqp.message import Header
-from azure.servicebus._pyamqp.performatives import TransferFrame
-from azure.servicebus._pyamqp.types import TYPE, VALUE, AMQPTypes
 from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
 from azure.servicebus.exceptions import MessageAlreadySettled, MessageLockLostError
 from azure.servicebus.management import ServiceBusAdministrationClient
@@ -40,7 +35,6 @@ from shared.settings import Settings
 from shared.transport import (
     LockLost,
     OutgoingMessage,
-    PropertyValue,
     ReceivedMessage,
     Transport,
     make_transport,
@@ -52,68 +46,7 @@ from shared.transport.servicebus import (
     from_service_bus_message,
     to_service_bus_message,
 )
-
-QUEUE = "leads-validated"
-NAMESPACE = "leadwriter-test.servicebus.windows.net"
-PROPERTIES: dict[str, PropertyValue] = {
-    "publisherId": "contoso",
-    "leadId": "lead-1",
-    "attempt": 2,
-    "test": False,
-    "weight": 0.5,
-}
-_delivery_ids = itertools.count(1)
-
-
-def sdk_message(
-    receiver: object,
-    *,
-    message_id: str = "lead-1",
-    body: bytes = b'{"leadId": "lead-1"}',
-    properties: dict[str | bytes, Any] | None = None,
-    delivery_count: int = 0,
-    sequence_number: int = 7,
-    enqueued: datetime = datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
-    locked_until: datetime | None = None,
-    dead_letter: tuple[str, str] | None = None,
-    peeked: bool = False,
-) -> ServiceBusReceivedMessage:
-    """A ServiceBusReceivedMessage as the SDK builds one from a transfer off the wire.
-
-    ``delivery_count`` is the AMQP header's; ``locked_until`` defaults to five minutes from now.
-    """
-    if locked_until is None:
-        locked_until = datetime.now(UTC) + timedelta(minutes=5)
-    outgoing = ServiceBusMessage(
-        body,
-        message_id=message_id,
-        application_properties={k: v for k, v in (PROPERTIES if properties is None else properties).items()},
-        content_type="application/json",
-    )
-    amqp = PyamqpTransport.to_outgoing_amqp_message(outgoing.raw_amqp_message)
-    application_properties = dict(amqp.application_properties or {})
-    if dead_letter is not None:
-        reason, description = dead_letter
-        application_properties["DeadLetterReason"] = reason
-        application_properties["DeadLetterErrorDescription"] = description
-    amqp = amqp._replace(
-        header=Header(delivery_count=delivery_count),
-        application_properties=application_properties,
-        # Typed as the broker types them: a long and two AMQP timestamps (milliseconds).
-        message_annotations={
-            b"x-opt-sequence-number": {TYPE: AMQPTypes.long, VALUE: sequence_number},
-            b"x-opt-enqueued-time": {TYPE: AMQPTypes.timestamp, VALUE: int(enqueued.timestamp() * 1000)},
-            b"x-opt-locked-until": {TYPE: AMQPTypes.timestamp, VALUE: int(locked_until.timestamp() * 1000)},
-        },
-    )
-    decoded = decode_payload(memoryview(encode_payload(bytearray(), amqp)))
-    if peeked:
-        return ServiceBusReceivedMessage(decoded, receiver=receiver, is_peeked_message=True)
-    frame = TransferFrame(handle=0, delivery_id=next(_delivery_ids), delivery_tag=uuid.uuid4().bytes_le)
-    return ServiceBusReceivedMessage(
-        decoded, receive_mode=ServiceBusReceiveMode.PEEK_LOCK, receiver=receiver, frame=frame
-    )
-
+from tests.fixtures.servicebus import NAMESPACE, PROPERTIES, QUEUE, sdk_message
 
 # -- fakes at the client= seam ---------------------------------------------------------------------
 

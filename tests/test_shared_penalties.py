@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.crm.penalties import PenaltyBook, SharedPenaltyBook
 from shared.secretstore.embedded import EmbeddedSecretStore
 from shared.services import penalties_for
 from shared.settings import Settings
-from shared.throttle import PenaltyBook, SharedPenaltyBook
 
 KEY = "https://contoso.crm4.dynamics.com|svc@contoso.example"
 

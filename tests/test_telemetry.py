@@ -1,7 +1,7 @@
 """Observability (issue 5 item 5): settlement counters, the settlement log line, Application Insights.
 
-Settlements are real: messages go through the embedded broker and :func:`shared.settle.settle` turns
-real stage outcomes into broker actions and :class:`~shared.settle.Settled` records. OpenTelemetry is
+Settlements are real: messages go through the embedded broker and :func:`shared.pipeline.settle.settle` turns
+real stage outcomes into broker actions and :class:`~shared.pipeline.settle.Settled` records. OpenTelemetry is
 real too: an SDK meter provider with an in-memory reader, and, for export, Azure Monitor's own
 exporter in a child process posting to a local ingestion endpoint that stands in for Application
 Insights (the only seam faked, and it is just an HTTP server that records what it is sent).
@@ -30,16 +30,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from functions import _host
 from shared.errors import DeadLetterReason
-from shared.messages import envelope
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED
-from shared.secretstore import make_secret_store
-from shared.secretstore.base import ConnectionStore
-from shared.services import Services
-from shared.settings import Settings
-from shared.settle import Settled, settle
-from shared.stages import STAGES, Delivered, Forward, Outcome, Pipeline, Reject, Retry
-from shared.status import StatusBook
-from shared.telemetry import (
+from shared.ops.status import StatusBook
+from shared.ops.telemetry import (
     DEAD_LETTERED,
     DELIVERED,
     FORWARDED,
@@ -48,8 +41,15 @@ from shared.telemetry import (
     MetricsSnapshot,
     fan_out,
 )
+from shared.pipeline.messages import envelope
+from shared.pipeline.settle import Settled, settle
+from shared.pipeline.stages import STAGES, Delivered, Forward, Outcome, Pipeline, Reject, Retry
+from shared.secretstore import make_secret_store
+from shared.secretstore.base import ConnectionStore
+from shared.services import Services
+from shared.settings import Settings
 from shared.transport.embedded import EmbeddedBroker
-from tests.test_servicebus_adapter import sdk_message
+from tests.fixtures.servicebus import sdk_message
 
 REPO = Path(__file__).resolve().parent.parent
 EMAIL = "ada.lovelace@example.com"
@@ -217,14 +217,14 @@ def test_a_failing_observer_is_logged_and_does_not_stop_the_others(
     def broken(settled: Settled) -> None:
         raise RuntimeError("status database is locked")
 
-    with caplog.at_level(logging.ERROR, logger="shared.telemetry"):
+    with caplog.at_level(logging.ERROR, logger="shared.ops.telemetry"):
         settled = settle_one(
             broker, "write_lead", Delivered(uuid.uuid4(), created=True), observer=fan_out(broken, metrics.observe)
         )
 
     assert settled.action == DELIVERED
     assert metrics.snapshot().delivered == {"write_lead": 1}
-    [record] = [r for r in caplog.records if r.name == "shared.telemetry"]
+    [record] = [r for r in caplog.records if r.name == "shared.ops.telemetry"]
     assert "the message itself is settled" in record.getMessage()
     assert record.exc_info is not None
 
@@ -299,14 +299,14 @@ FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
 
 
 def _settlement_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "shared.settle" and r.getMessage().startswith("settled ")]
+    return [r for r in caplog.records if r.name == "shared.pipeline.settle" and r.getMessage().startswith("settled ")]
 
 
 def test_the_settlement_log_line_is_one_structured_line_with_the_email_masked(
     broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     outcome = Retry(f"CRM answered 400: the value {EMAIL} of emailaddress1\nis invalid")
-    with caplog.at_level(logging.INFO, logger="shared.settle"):
+    with caplog.at_level(logging.INFO, logger="shared.pipeline.settle"):
         settle_one(broker, "write_lead", outcome, lead_id=EMAIL, publisher_id="contoso")
 
     [record] = _settlement_records(caplog)
@@ -355,7 +355,7 @@ def test_every_outcome_logs_its_stage_outcome_and_reason(
         "delivered": Delivered(uuid.uuid4(), created=True),
         "reject": Reject(DeadLetterReason.SOLUTION_VERSION_UNSUPPORTED, "0.9.0.0 is below 1.0.0.0"),
     }
-    with caplog.at_level(logging.INFO, logger="shared.settle"):
+    with caplog.at_level(logging.INFO, logger="shared.pipeline.settle"):
         settle_one(broker, stage, outcomes[outcome], lead_id="lead-42", publisher_id="fabrikam", attempt=3)
 
     [record] = _settlement_records(caplog)
@@ -396,9 +396,9 @@ def test_configure_telemetry_without_the_setting_does_nothing_and_imports_no_azu
     # A child process: this one may have imported azure.monitor for another test already.
     script = """
 import json, sys
-import shared.cli, shared.services
+import shared.tools.cli, shared.services
 from shared.settings import Settings
-from shared.telemetry import Metrics, configure_telemetry
+from shared.ops.telemetry import Metrics, configure_telemetry
 configured = configure_telemetry(Settings.from_env())
 Metrics().snapshot()
 loaded = sorted(m for m in sys.modules if m.startswith(("azure.monitor", "opentelemetry.sdk")))
@@ -414,7 +414,7 @@ def test_an_invalid_connection_string_stops_serve_with_exit_2_naming_the_setting
     value = "InstrumentationKey=not-a-guid-but-private-looking"
     command = [str(Path(sys.executable).with_name("leadwriter"))]
     if not Path(command[0]).exists():
-        command = [sys.executable, "-m", "shared.cli"]
+        command = [sys.executable, "-m", "shared.tools.cli"]
 
     result = subprocess.run(
         [*command, "serve", "--no-api", "--no-workers"],
@@ -479,12 +479,12 @@ def test_with_the_setting_settlement_logs_and_counters_reach_application_insight
 import logging, time
 from opentelemetry import _logs, metrics as otel_metrics
 from shared.errors import DeadLetterReason
-from shared.messages import envelope
+from shared.pipeline.messages import envelope
 from shared.names import QUEUE_INCOMING
 from shared.settings import Settings
-from shared.settle import settle
-from shared.stages import Reject
-from shared.telemetry import Metrics, configure_telemetry
+from shared.pipeline.settle import settle
+from shared.pipeline.stages import Reject
+from shared.ops.telemetry import Metrics, configure_telemetry
 from shared.transport import make_transport
 
 logging.basicConfig(level=logging.INFO)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from shared.crm.urlguard import check_crm_url
 from shared.errors import UnsafeCrmUrl
-from shared.urlguard import check_crm_url
 
 VALID = [
     ("https://contoso.crm.dynamics.com", "https://contoso.crm.dynamics.com"),

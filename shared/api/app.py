@@ -19,8 +19,8 @@ from shared.api import routes_admin, routes_publishers
 from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
-from shared.lead import MAX_BODY_BYTES
 from shared.names import QUEUE_INCOMING
+from shared.pipeline.lead import MAX_BODY_BYTES
 from shared.services import Services
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ learns nothing and changes nothing: :class:`GuardedRoute` runs the route's :clas
 the guard's dependency then only hands the already-decided :class:`Principal` to the endpoint.
 
 Keys are compared in constant time (``hmac.compare_digest`` for the admin key; hashes for publisher
-keys in :class:`~shared.apikeys.ApiKeyStore`) and never logged.
+keys in :class:`~shared.ops.apikeys.ApiKeyStore`) and never logged.
 """
 
 from __future__ import annotations

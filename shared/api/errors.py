@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import InvalidLead, RetryLater, UnsafeCrmUrl
-from shared.secretstore.base import InvalidPublisherId
+from shared.errors import InvalidPublisherId
 
 logger = logging.getLogger(__name__)
 

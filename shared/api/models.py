@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
-from shared.connection import Auth
+from shared.crm.connection import Auth
 
 _Filter = Annotated[str, StringConstraints(max_length=200)]
 

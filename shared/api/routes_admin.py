@@ -26,8 +26,9 @@ from shared.api.models import (
     ReplayBody,
     StatsAnswer,
 )
-from shared.deadletters import DeadLetterFilter, list_dead_letters, plan_replay, purge, replay
+from shared.errors import InvalidFilter
 from shared.names import STAGE_QUEUES
+from shared.ops.deadletters import DeadLetterFilter, list_dead_letters, plan_replay, purge, replay
 from shared.secretstore.base import validate_publisher_id
 from shared.services import Services
 
@@ -47,30 +48,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _BadFilter(ValueError):
-    """A filter the dead-letter core refused; ``field`` names the parameter."""
-
-    def __init__(self, error: ValueError) -> None:
-        text = str(error)
-        name, separator, _ = text.partition(":")
-        self.field = name.strip() if separator and name.strip().isidentifier() else "body"
-        super().__init__(text)
-
-
 def _filter(selection: DeadLetterSelection) -> DeadLetterFilter:
-    try:
-        return DeadLetterFilter.build(
-            queue=selection.queue,
-            reason=selection.reason,
-            publisher_id=selection.publisher_id,
-            message_ids=selection.message_ids,
-        )
-    except ValueError as exc:
-        raise _BadFilter(exc) from None
+    """Raises InvalidFilter naming the field."""
+    return DeadLetterFilter.build(
+        queue=selection.queue,
+        reason=selection.reason,
+        publisher_id=selection.publisher_id,
+        message_ids=selection.message_ids,
+    )
 
 
-def _bad_filter(exc: _BadFilter) -> JSONResponse:
-    return error_response(422, str(exc), field=exc.field)
+def _bad_filter(exc: InvalidFilter) -> JSONResponse:
+    return error_response(422, str(exc), field=exc.field or "body")
 
 
 @router.post(
@@ -118,7 +107,7 @@ def get_dead_letters(
     """Raises RetryLater (503)."""
     try:
         flt = _filter(DeadLetterSelection(queue=queue, reason=reason, publisher_id=publisher_id))
-    except _BadFilter as exc:
+    except InvalidFilter as exc:
         return _bad_filter(exc)
     items = list_dead_letters(services.transport, flt, limit=limit)
     return DeadLettersAnswer(items=[item.to_json() for item in items])
@@ -135,7 +124,7 @@ def replay_dead_letters(body: ReplayBody, _admin: AdminAccess, services: Service
     """Raises RetryLater (503)."""
     try:
         flt = _filter(body)
-    except _BadFilter as exc:
+    except InvalidFilter as exc:
         return _bad_filter(exc)
     if body.dry_run:
         plan = plan_replay(services.transport, flt, limit=body.limit)
@@ -167,7 +156,7 @@ def purge_dead_letters(body: PurgeBody, _admin: AdminAccess, services: ServicesD
         )
     try:
         flt = _filter(body)
-    except _BadFilter as exc:
+    except InvalidFilter as exc:
         return _bad_filter(exc)
     result = purge(services.transport, flt, confirm=True, limit=body.limit)
     logger.info("admin purge: matched=%d purged=%d", result.matched, result.purged)

@@ -28,23 +28,23 @@ from shared.api.models import (
     LastError,
     PublisherStatusAnswer,
 )
-from shared.connection import Connection
-from shared.dataverse import LeadWrite
-from shared.deadletters import UNKNOWN_REASON, DeadLetterFilter, list_dead_letters, replay
+from shared.crm import LeadWrite
+from shared.crm.connection import Connection
+from shared.crm.urlguard import check_crm_url
+from shared.crm.verify import VerificationReport, verify_connection
 from shared.errors import CONFIGURATION_REASONS, DeadLetter, InvalidLead, RetryLater
-from shared.lead import (
+from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.ops.deadletters import UNKNOWN_REASON, DeadLetterFilter, list_dead_letters, replay
+from shared.pipeline.lead import (
     LeadMessage,
     lead_record_id,
     parse_incoming,
     parse_marketplace_lead,
     to_dataverse_columns,
 )
-from shared.messages import envelope
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.pipeline.messages import envelope
 from shared.secretstore.base import validate_publisher_id
 from shared.services import Services
-from shared.urlguard import check_crm_url
-from shared.verify import VerificationReport, verify_connection
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def ingest_lead(
 ) -> IngestAnswer | JSONResponse:
     """Wrap the lead in a DESIGN §3 message and enqueue it on ``leads-incoming``.
 
-    A lead that :func:`~shared.lead.parse_marketplace_lead` refuses is answered 422 at once, naming
+    A lead that :func:`~shared.pipeline.lead.parse_marketplace_lead` refuses is answered 422 at once, naming
     the field, rather than queued to be dead-lettered ``InvalidLead``: an HTTP caller can act on the
     answer, and ops are spared dead letters nobody will fix.
 

@@ -13,7 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
-from shared.connection import Connection
+from shared.crm.connection import Connection
+from shared.errors import InvalidPublisherId, InvalidSecretName
 
 #: Publisher ids: what the marketplace and publishers use, bounded so secret names stay ≤ 127 chars.
 PUBLISHER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
@@ -21,16 +22,8 @@ CONNECTION_PREFIX = "conn-"
 CONTENT_TYPE = "application/json"
 
 
-class InvalidPublisherId(ValueError):
-    """A publisher id outside :data:`PUBLISHER_ID_PATTERN`."""
-
-
 #: Secret names every adapter accepts: Key Vault's rule, so the embedded store cannot drift from it.
 SECRET_NAME_PATTERN = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
-
-
-class InvalidSecretName(ValueError):
-    """A secret name outside :data:`SECRET_NAME_PATTERN`."""
 
 
 def validate_secret_name(name: str) -> str:

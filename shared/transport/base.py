@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from shared.errors import LockLost
+
 PropertyValue = str | int | float | bool
 
 
@@ -71,10 +73,6 @@ class QueueStats:
     dead_lettered: int
     #: Dead letters grouped by reason (embedded: exact; Service Bus: from a peek of the DLQ).
     dead_lettered_by_reason: Mapping[str, int] = field(default_factory=dict)
-
-
-class LockLost(Exception):
-    """Settlement failed because the lock expired or the message was settled already."""
 
 
 @runtime_checkable

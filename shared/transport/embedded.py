@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.errors import BrokerClosed
 from shared.errors import DeadLetterReason
 from shared.names import PROP_PUBLISHER_ID
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
@@ -237,11 +238,11 @@ class EmbeddedBroker:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             if self._closed:
-                raise RuntimeError("the embedded broker is closed")
+                raise BrokerClosed("the embedded broker is closed")
             return conn
         with self._lock:
             if self._closed:
-                raise RuntimeError("the embedded broker is closed")
+                raise BrokerClosed("the embedded broker is closed")
             conn = sqlite3.connect(
                 self.path,
                 timeout=30.0,

@@ -23,17 +23,17 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from shared.connection import ClientSecretAuth, Connection, PasswordAuth
-from shared.deadletters import DeadLetterFilter, list_dead_letters
+from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
+from shared.crm.verify import verify_connection
 from shared.errors import DeadLetterReason, InvalidLead
-from shared.lead import parse_incoming
-from shared.messages import envelope
 from shared.names import QUEUE_INCOMING, STAGE_QUEUES
-from shared.runtime import EmbeddedRuntime, wait_until
+from shared.ops.deadletters import DeadLetterFilter, list_dead_letters
+from shared.pipeline.lead import parse_incoming
+from shared.pipeline.messages import envelope
+from shared.runtime.embedded import EmbeddedRuntime, wait_until
 from shared.services import Services
 from shared.settings import Settings
 from shared.simulator import CrmSimulator
-from shared.verify import verify_connection
 
 console = Console()
 

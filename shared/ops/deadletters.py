@@ -8,7 +8,7 @@ Safe replay, in this order, for each dead letter the filter selects:
 
 1. build the copy: same body, ``leadId`` and ``publisherId`` kept, ``attempt`` reset to 1,
    ``replayCount`` + 1, no ``DeadLetter*`` properties, and a **new** message id derived from
-   ``(leadId, replayCount)`` (:func:`shared.messages.hop_message_id`);
+   ``(leadId, replayCount)`` (:func:`shared.pipeline.messages.hop_message_id`);
 2. send it to the stage queue the lead died on;
 3. only then complete the dead letter.
 
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.errors import CONFIGURATION_REASONS
-from shared.messages import hop_message_id, replay_count_of
+from shared.errors import CONFIGURATION_REASONS, InvalidFilter
 from shared.names import PROP_ATTEMPT, PROP_LEAD_ID, PROP_PUBLISHER_ID, PROP_REPLAY_COUNT, STAGE_QUEUES
+from shared.pipeline.messages import hop_message_id, replay_count_of
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, ReceivedMessage, Transport
 
 logger = logging.getLogger(__name__)
@@ -148,10 +148,10 @@ class DeadLetterFilter:
 
     def __post_init__(self) -> None:
         if not self.queues:
-            raise ValueError("queue: at least one queue is needed")
+            raise InvalidFilter("queue: at least one queue is needed", field="queue")
         unknown = [queue for queue in self.queues if queue not in STAGE_QUEUES]
         if unknown:
-            raise ValueError(f"queue: {unknown[0]!r} is not one of {', '.join(STAGE_QUEUES)}")
+            raise InvalidFilter(f"queue: {unknown[0]!r} is not one of {', '.join(STAGE_QUEUES)}", field="queue")
         # Each queue once, in pipeline order, so a sweep never visits a queue twice.
         object.__setattr__(self, "queues", tuple(q for q in STAGE_QUEUES if q in self.queues))
         for name in ("enqueued_before", "enqueued_after"):
@@ -296,7 +296,7 @@ def list_dead_letters(
         Exception: whatever the transport raises when the broker cannot be read.
     """
     if limit < 0:
-        raise ValueError("limit: must be 0 or more")
+        raise InvalidFilter("limit: must be 0 or more", field="limit")
     items: list[DeadLetterItem] = []
     if limit == 0:
         return items
@@ -389,11 +389,11 @@ class ReplayPlanEntry:
 
 def _check_common(max_replays: int | None, limit: int | None, batch_size: int | None = None) -> None:
     if max_replays is not None and max_replays < 0:
-        raise ValueError("max_replays: must be 0 or more")
+        raise InvalidFilter("max_replays: must be 0 or more", field="maxReplays")
     if limit is not None and limit < 0:
-        raise ValueError("limit: must be 0 or more")
+        raise InvalidFilter("limit: must be 0 or more", field="limit")
     if batch_size is not None and batch_size < 1:
-        raise ValueError("batch_size: must be 1 or more")
+        raise InvalidFilter("batch_size: must be 1 or more", field="batchSize")
 
 
 def plan_replay(
@@ -743,7 +743,7 @@ def purge(
             than a lost lock; dead letters this call holds are released first.
     """
     if confirm is not True:
-        raise ValueError("purge needs confirm=true")
+        raise InvalidFilter("confirm: a purge needs confirm=true", field="confirm")
     _check_common(None, limit, batch_size)
     result = PurgeResult()
 

@@ -8,7 +8,7 @@ Entra ID, in the order a publisher fixes them:
 3. ``solution`` — the Lead Writer solution is installed, at the minimum version or later;
 4. ``createLeads`` — the principal may create leads (the Lead Writer role is assigned).
 
-Permanent failures become a failed :class:`~shared.connection.Verification` carrying the DESIGN §5
+Permanent failures become a failed :class:`~shared.crm.connection.Verification` carrying the DESIGN §5
 reason and a message the publisher can act on; transient ones (authority or CRM unavailable,
 throttled) are raised as :class:`~shared.errors.RetryLater`, because they say nothing about the
 connection. Nothing here stores anything: the caller decides.
@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import requests
 
-from shared.connection import Connection, PasswordAuth, Verification
-from shared.dataverse import DataverseClient
+from shared.crm import DataverseClient
+from shared.crm.connection import Connection, PasswordAuth, Verification
 from shared.errors import (
     CredentialsRejected,
     DeadLetter,
@@ -35,8 +35,8 @@ from shared.errors import (
     SolutionVersionUnsupported,
     UnsafeCrmUrl,
 )
+from shared.pipeline.stages import Pipeline
 from shared.settings import parse_version
-from shared.stages import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ StepState = Literal["passed", "failed", "skipped"]
 STEPS: tuple[Step, ...] = ("token", "whoAmI", "solution", "createLeads")
 
 #: Shorter, plainer wording than the generic table for the Entra errors publishers meet most when
-#: they set a connection up; the rest keep the message of :mod:`shared.dataverse.errors`.
+#: they set a connection up; the rest keep the message of :mod:`shared.crm.errors`.
 _VERIFY_MESSAGES: dict[int, str] = {
     50126: "the password was rejected (AADSTS50126): check the user name and password of the service account",
     50076: "multi-factor authentication is required for this account (AADSTS50076): use a service account "

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigurationError
+from shared.pipeline.settle import Observer, Settled
+from shared.pipeline.stages import STAGES
 from shared.settings import Settings
-from shared.settle import Observer, Settled
-from shared.stages import STAGES
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter as OtelCounter

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from shared.errors import InvalidLead
-from shared.secretstore.base import InvalidPublisherId, validate_publisher_id
+from shared.errors import InvalidPublisherId
+from shared.secretstore.base import validate_publisher_id
 
 logger = logging.getLogger(__name__)
 

@@ -37,15 +37,15 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from shared.connection import ClientSecretAuth, Connection
-from shared.lead import lead_record_id, parse_incoming, to_dataverse_columns
-from shared.messages import envelope
+from shared.crm.connection import ClientSecretAuth, Connection
 from shared.names import PROP_LEAD_ID, PROP_PUBLISHER_ID, QUEUE_INCOMING
-from shared.runtime import EmbeddedRuntime
+from shared.pipeline.lead import lead_record_id, parse_incoming, to_dataverse_columns
+from shared.pipeline.messages import envelope
+from shared.pipeline.settle import Settled
+from shared.pipeline.stages import MAX_BATCH
+from shared.runtime.embedded import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import DEFAULT_SOLUTION_NAME, Settings
-from shared.settle import Settled
-from shared.stages import MAX_BATCH
 from shared.transport.base import OutgoingMessage
 
 console = Console(stderr=True)

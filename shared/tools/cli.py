@@ -23,7 +23,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.deadletters import (
+from shared.errors import ConfigurationError, DeadLetterReason
+from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.ops.deadletters import (
     UNKNOWN_REASON,
     DeadLetterFilter,
     DeadLetterItem,
@@ -33,9 +35,7 @@ from shared.deadletters import (
     purge,
     replay,
 )
-from shared.errors import ConfigurationError, DeadLetterReason
-from shared.messages import envelope
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.pipeline.messages import envelope
 from shared.settings import Settings
 from shared.transport.base import OutgoingMessage
 
@@ -75,9 +75,9 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run the three stage workers.")] = True,
 ) -> None:
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
-    from shared.runtime import EmbeddedRuntime
+    from shared.ops.telemetry import configure_telemetry
+    from shared.runtime.embedded import EmbeddedRuntime
     from shared.services import Services
-    from shared.telemetry import configure_telemetry
 
     settings = _settings()
     _configure_logging(settings)
@@ -465,7 +465,7 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object, shaped like GET /api/stats.")] = False,
 ) -> None:
     """Queue depths and dead letters by reason per stage queue, and publishers failing on configuration."""
-    from shared.status import StatusBook
+    from shared.ops.status import StatusBook
     from shared.transport import make_transport
 
     settings = _settings()
@@ -550,7 +550,7 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Keep the demo data dir from an earlier run.")] = False,
 ) -> None:
     """The main job end to end on the embedded default, against the local CRM simulator."""
-    from shared.demo import run_demo
+    from shared.tools.demo import run_demo
 
     raise typer.Exit(run_demo(keep=keep))
 
@@ -577,7 +577,7 @@ def bench(
 
     Options given override the scenario's values.
     """
-    from shared.bench import run_bench
+    from shared.tools.bench import run_bench
 
     raise typer.Exit(
         run_bench(

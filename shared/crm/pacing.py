@@ -13,7 +13,7 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
   an idle publisher must not build up a rate it never used and then fire it all at once;
 - a **concurrency cap** (``max_concurrent``, below Dataverse's 52);
 - the **penalty**: after a 429 nothing is granted for exactly ``Retry-After`` seconds. The
-  :class:`~shared.throttle.PenaltyBook` keeps the same end time across processes and restarts; the
+  :class:`~shared.crm.penalties.PenaltyBook` keeps the same end time across processes and restarts; the
   pacer's own copy is checked in the same critical section that grants the slot, right before the
   request leaves, so no request slips out between a 429 arriving and the book being consulted.
   After a push-back the bucket holds a single token: requests leave evenly spaced, not in bursts;
@@ -28,7 +28,7 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
 :meth:`Pacer.decide` and :meth:`Pacer.release` are pure decision logic over an injectable clock (the
 tests drive them as tables); :meth:`Pacer.acquire` wraps ``decide`` for callers that may wait a
 *short moment* (``max_wait``) and raises :class:`~shared.errors.CrmPaced` beyond it: a worker thread is
-never parked on one publisher's CRM, so other publishers keep flowing (see shared/runtime.py for
+never parked on one publisher's CRM, so other publishers keep flowing (see shared/runtime/embedded.py for
 where a paced message waits).
 """
 

@@ -4,7 +4,7 @@ Each stage returns one of:
 
 - :class:`Forward` — send ``message`` to ``queue`` (the next stage), then complete this one;
 - :class:`Delivered` — the lead is in the CRM (written now, or found there already);
-- :class:`Retry` — transient failure; :mod:`shared.settle` turns it into a rescheduled copy or, when
+- :class:`Retry` — transient failure; :mod:`shared.pipeline.settle` turns it into a rescheduled copy or, when
   the retry schedule is spent, a ``RetriesExhausted`` dead letter;
 - :class:`Reject` — dead-letter now with a reason of DESIGN §5.
 
@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 from uuid import UUID
 
-from shared.connection import Connection
-from shared.dataverse import DataverseClient, LeadWrite, TokenProvider, WriteResult
+from shared.crm import DataverseClient, LeadWrite, TokenProvider, WriteResult
+from shared.crm.connection import Connection
+from shared.crm.pacing import Pacer
+from shared.crm.penalties import PenaltyBook, Throttle
 from shared.errors import (
     CONFIGURATION_REASONS,
     CredentialsMissing,
@@ -38,13 +40,12 @@ from shared.errors import (
     SolutionVersionUnsupported,
     UnsafeCrmUrl,
 )
-from shared.lead import LeadMessage, lead_record_id, parse_incoming, to_dataverse_columns
-from shared.messages import envelope, replay_count_of
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED
-from shared.pacing import Pacer
-from shared.secretstore.base import ConnectionStore, InvalidPublisherId
+from shared.pipeline.lead import LeadMessage, lead_record_id, parse_incoming, to_dataverse_columns
+from shared.pipeline.messages import envelope, replay_count_of
+from shared.errors import InvalidPublisherId
+from shared.secretstore.base import ConnectionStore
 from shared.settings import Settings, parse_version
-from shared.throttle import PenaltyBook, Throttle
 from shared.transport.base import OutgoingMessage, ReceivedMessage
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class Pipeline:
             return client
 
     def enable_pacing(self, pacer: Pacer | None = None) -> Pacer:
-        """Pace CRM requests per CRM user from now on (shared/pacing.py); returns the pacer in use.
+        """Pace CRM requests per CRM user from now on (shared/crm/pacing.py); returns the pacer in use.
 
         Only a runtime that can hold a paced message in a backlog turns this on (the embedded
         runtime): without one, "not yet" would reschedule the message and spend one of its attempts.
@@ -213,7 +214,7 @@ class Pipeline:
 
     def pacing_room(self, publisher_id: str) -> tuple[float, int]:
         """How long until the publisher's CRM user may take a request, and how many it may take now
-        (shared/pacing.py). Only what is cached is consulted — never the secret store — so a runtime
+        (shared/crm/pacing.py). Only what is cached is consulted — never the secret store — so a runtime
         may ask while it dispatches; an unknown publisher answers "now, any number"."""
         pacer = self.pacer
         connection = self._connection_cache.get(publisher_id)

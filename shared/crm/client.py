@@ -3,7 +3,7 @@
 Every request: the URL guard has passed, the CRM user's throttle penalty is consulted first (nothing is
 sent inside a penalty), redirects are never followed, timeouts are explicit, and a 401 on a cached token
 gets exactly one retry with a fresh token. Status codes become errors only in
-:mod:`shared.dataverse.errors`.
+:mod:`shared.crm.errors`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from urllib.parse import quote
 
 import requests
 
-from shared.connection import Connection, PasswordAuth
-from shared.dataverse.auth import TokenProvider
-from shared.dataverse.batch import (
+from shared.crm.auth import TokenProvider
+from shared.crm.batch import (
     MAX_BATCH_OPERATIONS,
     BatchFormatError,
     BatchRequest,
@@ -31,18 +30,19 @@ from shared.dataverse.batch import (
     new_boundary,
     parse_batch,
 )
-from shared.dataverse.errors import (
+from shared.crm.connection import Connection, PasswordAuth
+from shared.crm.errors import (
     error_from_network,
     error_from_response,
     is_already_there,
     odata_error,
     request_id_of,
 )
+from shared.crm.pacing import Pacer, request_window_of
+from shared.crm.penalties import Throttle
+from shared.crm.urlguard import check_crm_url
 from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError
-from shared.pacing import Pacer, request_window_of
 from shared.settings import Settings
-from shared.throttle import Throttle
-from shared.urlguard import check_crm_url
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class DataverseClient:
         """Raises UnsafeCrmUrl when the connection's URL is not an allowed CRM host.
 
         With a ``pacer``, every request first takes a slot of this CRM user's rate and concurrency
-        (see shared/pacing.py) and raises CrmPaced, unsent, when none frees within a short moment.
+        (see shared/crm/pacing.py) and raises CrmPaced, unsent, when none frees within a short moment.
         """
         self._origin = check_crm_url(connection.url, settings.crm_allowed_hosts)
         self._connection = connection

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shared.errors import CONFIGURATION_REASONS
 from shared.names import PROP_PUBLISHER_ID
-from shared.settle import Settled
+from shared.pipeline.settle import Settled
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publisher_status (
@@ -61,7 +61,7 @@ class StatusBook:
         return db
 
     def observe(self, settled: Settled) -> None:
-        """The settlement observer: call it with every :class:`~shared.settle.Settled`."""
+        """The settlement observer: call it with every :class:`~shared.pipeline.settle.Settled`."""
         publisher = str(settled.message.application_properties.get(PROP_PUBLISHER_ID, "") or "")
         if not publisher:
             return

@@ -20,16 +20,16 @@ import requests
 from azure.core.credentials import AccessToken
 from azure.identity import ClientSecretCredential, UsernamePasswordCredential
 
-from shared.connection import Connection, PasswordAuth
-from shared.dataverse.errors import (
+from shared.crm.connection import Connection, PasswordAuth
+from shared.crm.errors import (
     error_from_network,
     error_from_response,
     error_from_token_failure,
     request_id_of,
 )
+from shared.crm.urlguard import check_crm_url
 from shared.errors import CredentialsRejected, LeadWriterError
 from shared.settings import Settings
-from shared.urlguard import check_crm_url
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+from shared.errors import InvalidInput
+
 CRLF = b"\r\n"
 #: Dataverse's limit on operations in one $batch.
 MAX_BATCH_OPERATIONS = 1000
@@ -27,7 +29,7 @@ _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _BOUNDARY_CHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")
 
 
-class BatchFormatError(ValueError):
+class BatchFormatError(InvalidInput):
     """A multipart body that cannot be parsed (or built) as an OData batch."""
 
 

@@ -11,7 +11,7 @@ the worker either.
 The write stage takes a publisher's whole backlog (up to the ``LEADWRITER_MAX_BATCH`` setting) as one
 ``$batch`` when there is one: single requests at low volume, batches under load.
 
-CRM requests are paced per CRM user (shared/pacing.py). When the pacer or a 429 penalty says "not
+CRM requests are paced per CRM user (shared/crm/pacing.py). When the pacer or a 429 penalty says "not
 yet", the stage returns a ``Retry(not_sent=True)``: nothing reached the CRM, so the messages go back to
 the front of their publisher's backlog and that publisher is not dispatched again until the wait is
 (nearly) over. Waiting in the backlog rather than rescheduling is deliberate: a rescheduled copy
@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from shared.crm.pacing import Pacer
 from shared.names import PROP_PUBLISHER_ID
-from shared.pacing import Pacer
-from shared.settle import Observer, settle
-from shared.stages import STAGES, Outcome, Pipeline, Retry
+from shared.pipeline.settle import Observer, settle
+from shared.pipeline.stages import STAGES, Outcome, Pipeline, Retry
 from shared.transport.base import LockLost, ReceivedMessage, Transport
 
 logger = logging.getLogger(__name__)

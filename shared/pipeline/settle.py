@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import DeadLetterReason
-from shared.lead import mask_email
-from shared.messages import attempt_of, rescheduled_copy
 from shared.names import PROP_LEAD_ID, PROP_PUBLISHER_ID
-from shared.retry import next_retry
-from shared.stages import STAGES, Delivered, Forward, Outcome, Reject, Retry
+from shared.pipeline.lead import mask_email
+from shared.pipeline.messages import attempt_of, rescheduled_copy
+from shared.pipeline.retry import next_retry
+from shared.pipeline.stages import STAGES, Delivered, Forward, Outcome, Reject, Retry
 from shared.transport.base import OutgoingMessage, ReceivedMessage
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def log_settlement(result: Settled, started: float | None) -> None:
     """One structured line per settlement: stage, outcome, reason, publisher, lead, attempt, latency.
 
     The same fields go on the record as attributes, which Application Insights shows as custom
-    dimensions (``shared.telemetry``). Values are log-safe: one line, e-mail addresses masked.
+    dimensions (``shared.ops.telemetry``). Values are log-safe: one line, e-mail addresses masked.
     """
     props = result.message.application_properties
     latency_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else -1.0

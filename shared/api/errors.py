@@ -17,8 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InvalidLead, RetryLater, UnsafeCrmUrl
-from shared.errors import InvalidPublisherId
+from shared.errors import InvalidLead, InvalidPublisherId, RetryLater, UnsafeCrmUrl
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 from shared.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
 
 CRLF = b"\r\n"
 #: Dataverse's limit on operations in one $batch.

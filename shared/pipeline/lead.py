@@ -21,8 +21,7 @@ from typing import Any, Final, NoReturn
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from shared.errors import InvalidLead
-from shared.errors import InvalidPublisherId
+from shared.errors import InvalidLead, InvalidPublisherId
 from shared.secretstore.base import validate_publisher_id
 
 logger = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from shared.errors import (
     DeadLetter,
     DeadLetterReason,
     InvalidLead,
+    InvalidPublisherId,
     LeadWriterError,
     RetryLater,
     SolutionMissing,
@@ -43,7 +44,6 @@ from shared.errors import (
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED
 from shared.pipeline.lead import LeadMessage, lead_record_id, parse_incoming, to_dataverse_columns
 from shared.pipeline.messages import envelope, replay_count_of
-from shared.errors import InvalidPublisherId
 from shared.secretstore.base import ConnectionStore
 from shared.settings import Settings, parse_version
 from shared.transport.base import OutgoingMessage, ReceivedMessage

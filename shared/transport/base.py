@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from shared.errors import LockLost
+from shared.errors import LockLost as LockLost  # re-exported: the port names what settling raises
 
 PropertyValue = str | int | float | bool
 

@@ -35,8 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.errors import BrokerClosed
-from shared.errors import DeadLetterReason
+from shared.errors import BrokerClosed, DeadLetterReason
 from shared.names import PROP_PUBLISHER_ID
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
 

@@ -170,7 +170,7 @@ class CredentialsRejected(DeadLetter):
     reason = DeadLetterReason.CREDENTIALS_REJECTED
 
     def __init__(self, message: str, *, entra_code: int | None = None, **context: object) -> None:
-        super().__init__(message, **context)  # type: ignore[arg-type]
+        super().__init__(message, **context)
         self.entra_code = entra_code
 
 

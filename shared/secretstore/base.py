@@ -14,7 +14,8 @@ from typing import Protocol, runtime_checkable
 from pydantic import ValidationError
 
 from shared.crm.connection import Connection
-from shared.errors import InvalidPublisherId, InvalidSecretName
+from shared.errors import InvalidPublisherId as InvalidPublisherId  # re-exported
+from shared.errors import InvalidSecretName as InvalidSecretName  # re-exported
 
 #: Publisher ids: what the marketplace and publishers use, bounded so secret names stay ≤ 127 chars.
 PUBLISHER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")

@@ -1,6 +1,6 @@
 """The HTTP API on Azure Functions: one catch-all HTTP trigger serving the FastAPI app through ASGI.
 
-Anonymous at the Functions level on purpose: the API's own keys (DESIGN §6) decide who may do what,
+Anonymous at the Functions level on purpose: the API's own keys decide who may do what,
 and a Functions key in front would only add a second secret to hand out. The app is built once per
 worker process, on the first request (settings are read then, never at import), and it is the same
 app object ``leadwriter serve`` runs.
@@ -16,8 +16,7 @@ import azure.functions as func
 from fastapi import FastAPI
 
 from shared.api import create_app
-from shared.services import Services
-from shared.settings import Settings
+from shared.services import process_services
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +27,9 @@ http_api = func.Blueprint()  # type: ignore[no-untyped-call]
 
 @functools.cache
 def api_app() -> FastAPI:
-    """The process-wide API app. Raises ConfigurationError for a missing or invalid setting."""
-    return create_app(Services.from_settings(Settings.from_env()))
+    """The process-wide API app, over the same services as this worker's stage triggers (a connection
+    update it makes is seen by them at once). Raises ConfigurationError for a bad setting."""
+    return create_app(process_services())
 
 
 @functools.cache

@@ -12,17 +12,17 @@ import azurefunctions.extensions.bindings.servicebus as servicebus
 
 from functions._host import run_stage, run_write_batch
 from shared.names import SERVICEBUS_CONNECTION
-from shared.pipeline.stages import STAGES
+from shared.pipeline.outcomes import Stage
 
 
-def stage_blueprint(stage: str) -> func.Blueprint:
+def stage_blueprint(stage: Stage) -> func.Blueprint:
     """A Blueprint with the trigger function ``stage`` on its queue (auto-complete off)."""
     bp = func.Blueprint()  # type: ignore[no-untyped-call]  # azure-functions is untyped here
 
-    @bp.function_name(stage)
+    @bp.function_name(stage.value)
     @bp.service_bus_queue_trigger(
         arg_name="message",
-        queue_name=STAGES[stage],
+        queue_name=stage.queue,
         connection=SERVICEBUS_CONNECTION,
         auto_complete_messages=False,
     )
@@ -39,10 +39,10 @@ def write_blueprint() -> func.Blueprint:
     so a backlog goes to the CRM as ``$batch`` requests — about 0.1 CRM requests per lead instead of 1."""
     bp = func.Blueprint()  # type: ignore[no-untyped-call]  # azure-functions is untyped here
 
-    @bp.function_name("write_lead")
+    @bp.function_name(Stage.WRITE_LEAD.value)
     @bp.service_bus_queue_trigger(
         arg_name="messages",
-        queue_name=STAGES["write_lead"],
+        queue_name=Stage.WRITE_LEAD.queue,
         connection=SERVICEBUS_CONNECTION,
         auto_complete_messages=False,
         cardinality="many",
@@ -55,6 +55,6 @@ def write_blueprint() -> func.Blueprint:
     return bp
 
 
-validate_credentials = stage_blueprint("validate_credentials")
-check_solution = stage_blueprint("check_solution")
+validate_credentials = stage_blueprint(Stage.VALIDATE_CREDENTIALS)
+check_solution = stage_blueprint(Stage.CHECK_SOLUTION)
 write_lead = write_blueprint()

@@ -21,3 +21,13 @@ PROP_PUBLISHER_ID = "publisherId"
 PROP_LEAD_ID = "leadId"
 PROP_ATTEMPT = "attempt"
 PROP_REPLAY_COUNT = "replayCount"
+#: How often a message was put off without reaching the CRM (a penalty, pacing): no attempt spent.
+PROP_DEFERRALS = "deferrals"
+
+#: Files in the data dir (LEADWRITER_DATA_DIR), each named here only.
+BROKER_FILE = "broker.db"
+SECRETS_FILE = "secrets.db"
+SECRET_KEY_FILE = "secret.key"  # noqa: S105 - a file name, not a secret
+STATUS_FILE = "status.db"
+PENALTIES_FILE = "penalties.json"
+STATE_FILE = "state.db"

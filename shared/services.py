@@ -1,24 +1,35 @@
-"""The services one process uses, built once from settings: the composition root below the entry points.
+"""The composition root: the one builder of the services a process uses.
 
-``leadwriter serve``, the Azure Functions adapters, the CLI and the tests all build a :class:`Services`
-and hand its parts to the API, the stage workers and the ops tools.
+``leadwriter serve``, the Azure Functions stage triggers, the Functions HTTP app, the CLI, the demo,
+the bench and the tests all ask :meth:`Services.from_settings` (or, inside a Functions worker,
+:func:`process_services`, which builds one per process). Everything a stage and the API share — the
+pipeline's caches, the pacer and its penalty record, the status book, the metrics — exists once per
+process, so a connection update the API makes is seen by the stages of the same worker, and every
+settlement (single or batched, embedded or Functions) reaches the same observer.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from shared.crm.penalties import Throttle, penalty_book_for
+from shared.crm.pacing import Pacer
+from shared.crm.penalties import FilePenaltyStore, Penalties
+from shared.names import PENALTIES_FILE, STATUS_FILE
 from shared.ops.apikeys import ApiKeyStore
 from shared.ops.status import StatusBook
-from shared.ops.telemetry import Metrics, fan_out
+from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
+from shared.pipeline.pipeline import Pipeline
 from shared.pipeline.settle import Settled
-from shared.pipeline.stages import Pipeline
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, SecretStore
 from shared.settings import Settings
 from shared.transport import make_transport
 from shared.transport.base import Transport
+
+if TYPE_CHECKING:
+    from shared.runtime.embedded import EmbeddedRuntime
 
 
 @dataclass
@@ -39,27 +50,65 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         secrets = make_secret_store(settings)
         connections = ConnectionStore(secrets)
+        penalties = Penalties(FilePenaltyStore(settings.data_dir / PENALTIES_FILE))
         return cls(
             settings=settings,
             transport=make_transport(settings),
             secrets=secrets,
             connections=connections,
             api_keys=ApiKeyStore(secrets),
-            pipeline=Pipeline(settings, connections, throttle=penalties_for(settings, secrets)),
-            status=StatusBook(settings.data_dir / "status.db"),
+            pipeline=Pipeline(settings, connections, pacer=Pacer(penalties=penalties)),
+            status=StatusBook(settings.data_dir / STATUS_FILE),
         )
 
+    @property
+    def pacer(self) -> Pacer:
+        return self.pipeline.pacer
+
     def observe(self, settled: Settled) -> None:
-        """The settlement observer of a stage worker: the status book and the metrics. Raises nothing."""
+        """The settlement observer of every runtime: the status book and the metrics. Raises nothing."""
         fan_out(self.status.observe, self.metrics.observe)(settled)
+
+    def embedded_runtime(
+        self, *, concurrency: int | None = None, publisher_concurrency: int | None = None
+    ) -> EmbeddedRuntime:
+        """The three stage workers over these services (concurrency from settings unless given),
+        every settlement observed by :meth:`observe`."""
+        from shared.runtime.embedded import EmbeddedRuntime
+
+        return EmbeddedRuntime(
+            self.transport,
+            self.pipeline,
+            concurrency=concurrency or self.settings.worker_concurrency,
+            publisher_concurrency=publisher_concurrency or self.settings.publisher_concurrency,
+            observer=self.observe,
+        )
 
     def close(self) -> None:
         self.transport.close()
 
 
-def penalties_for(settings: Settings, secrets: SecretStore) -> Throttle:
-    """Where 429 penalties are kept: the data dir (shared by the processes of one machine), and with
-    Key Vault also the vault, so that every Azure instance honours a penalty any of them received."""
-    shared = secrets if settings.secret_backend == "keyvault" else None  # noqa: S105 - a backend name
-    return penalty_book_for(settings.data_dir, shared)
+_process_lock = threading.Lock()
+_process: Services | None = None
 
+
+def process_services() -> Services:
+    """The services of this process, built once from the environment on first use (never at import
+    or in decorator arguments) with telemetry configured: what the Functions triggers and the
+    Functions HTTP app share. Raises ConfigurationError for a missing or invalid setting (every
+    invocation then fails the same way and its messages are redelivered; nothing is lost)."""
+    global _process
+    with _process_lock:
+        if _process is None:
+            settings = Settings.from_env()
+            configure_telemetry(settings)
+            _process = Services.from_settings(settings)
+        return _process
+
+
+def use_process_services(services: Services | None) -> None:
+    """Make ``services`` this process's (None: build anew from the environment on next use). For the
+    harness that runs the registered Functions triggers, and for tests."""
+    global _process
+    with _process_lock:
+        _process = services

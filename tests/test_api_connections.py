@@ -112,10 +112,10 @@ def _mfa(simulator: CrmSimulator, org: SimOrg) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("arrange", "reason", "fragment", "failed_step"),
     [
-        (_wrong_password, "CredentialsRejected", "the password was rejected (AADSTS50126)", "token"),
+        (_wrong_password, "CredentialsRejected", "password was rejected: check the user name", "token"),
         (_wrong_secret, "CredentialsRejected", "AADSTS7000215", "token"),
         (_mfa, "CredentialsRejected", "AADSTS50076", "token"),
-        (_no_solution, "SolutionMissing", "solution not installed", "solution"),
+        (_no_solution, "SolutionMissing", "solution is not installed in the CRM", "solution"),
         (_old_solution, "SolutionVersionUnsupported", "0.9.5.0", "solution"),
         (_no_role, "PermissionDenied", "lacks the Lead Writer role", "solution"),
     ],

@@ -14,6 +14,7 @@ import pytest
 
 import functions.http
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, SERVICEBUS_CONNECTION
+from shared.services import use_process_services
 from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD
 
 # ``app.get_functions()`` may run once per process (a second call refuses the names as duplicates), so
@@ -61,11 +62,13 @@ def functions_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("LEADWRITER_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.delenv("LEADWRITER_QUEUE_BACKEND", raising=False)
     monkeypatch.delenv("LEADWRITER_SECRET_BACKEND", raising=False)
+    use_process_services(None)
     functions.http.api_app.cache_clear()
     functions.http._asgi.cache_clear()
     yield data_dir
     app = functions.http.api_app()
     app.state.services.close()
+    use_process_services(None)
     functions.http.api_app.cache_clear()
     functions.http._asgi.cache_clear()
 

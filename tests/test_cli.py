@@ -23,8 +23,8 @@ from shared.errors import DeadLetterReason
 from shared.names import PROP_LEAD_ID, PROP_REPLAY_COUNT, QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
 from shared.ops.status import StatusBook
 from shared.pipeline.messages import envelope
+from shared.pipeline.outcomes import Reject
 from shared.pipeline.settle import settle
-from shared.pipeline.stages import Reject
 from shared.settings import Settings
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage, Transport

@@ -13,7 +13,7 @@ import pytest
 
 from shared.crm import DataverseClient, LeadWrite, TokenProvider
 from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
-from shared.crm.penalties import PenaltyBook
+from shared.crm.pacing import Pacer
 from shared.errors import LeadWriterError
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
@@ -76,7 +76,7 @@ class Scenario:
 
     def client(self, connection: Connection, settings: Settings | None = None) -> DataverseClient:
         return DataverseClient(
-            connection, settings or self.settings, tokens=self.tokens, throttle=PenaltyBook()
+            connection, settings or self.settings, tokens=self.tokens, pacer=Pacer()
         )
 
 

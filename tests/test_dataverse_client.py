@@ -20,9 +20,8 @@ from shared.crm.errors import (
     error_from_response,
     error_from_token_failure,
     is_already_there,
-    retry_after_seconds,
 )
-from shared.crm.penalties import PenaltyBook
+from shared.crm.pacing import Pacer
 from shared.errors import (
     AuthorityUnavailable,
     CredentialsRejected,
@@ -34,6 +33,7 @@ from shared.errors import (
     RetryLater,
     UnsafeCrmUrl,
 )
+from shared.http import retry_after_seconds
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
 from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, simulator_settings
@@ -418,8 +418,8 @@ def test_a_failed_batch_raises_like_a_single_request(
 def test_throttling_raises_with_retry_after_and_nothing_is_sent_during_the_penalty(
     simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
 ) -> None:
-    book = PenaltyBook()
-    client = make_client(secret_connection(crm_org), throttle=book)
+    pacer = Pacer()
+    client = make_client(secret_connection(crm_org), pacer=pacer)
     client.whoami()
     simulator.faults(crm_org.name).throttle_next(1, retry_after=30)
 
@@ -429,7 +429,7 @@ def test_throttling_raises_with_retry_after_and_nothing_is_sent_during_the_penal
     with pytest.raises(CrmThrottled) as second:
         client.create_lead(lead(2))
     with pytest.raises(CrmThrottled):
-        make_client(secret_connection(crm_org), throttle=book).create_leads([lead(3)])
+        make_client(secret_connection(crm_org), pacer=pacer).create_leads([lead(3)])
 
     assert first.value.retry_after == 30
     assert first.value.status == 429
@@ -439,15 +439,15 @@ def test_throttling_raises_with_retry_after_and_nothing_is_sent_during_the_penal
     log = simulator.requests(crm_org.name)
     assert log.total == sent
     assert (log.throttled, log.during_penalty) == (1, 0)
-    assert book.remaining(client.throttle_key) > 0
+    assert pacer.penalties.remaining(client.throttle_key) > 0
 
 
 def test_a_penalty_is_per_crm_user(
     simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
 ) -> None:
-    book = PenaltyBook()
-    app_client = make_client(secret_connection(crm_org), throttle=book)
-    user_client = make_client(password_connection(crm_org), throttle=book)
+    pacer = Pacer()
+    app_client = make_client(secret_connection(crm_org), pacer=pacer)
+    user_client = make_client(password_connection(crm_org), pacer=pacer)
     simulator.faults(crm_org.name).throttle_next(1, retry_after=30)
     with pytest.raises(CrmThrottled):
         app_client.whoami()

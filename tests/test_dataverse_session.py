@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from shared.crm.client import _session_for
+from shared.http import new_session
 
 
 def test_the_session_takes_the_environment_proxies_for_the_crm_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "")
-    session = _session_for("https://contoso.crm4.dynamics.com")
+    session = new_session("https://contoso.crm4.dynamics.com")
     assert session.trust_env is False
     assert session.proxies.get("https") == "http://proxy.example:3128"
 
@@ -18,5 +18,5 @@ def test_the_session_takes_the_environment_proxies_for_the_crm_once(monkeypatch:
 def test_a_crm_excluded_by_no_proxy_gets_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", ".dynamics.com")
-    session = _session_for("https://contoso.crm4.dynamics.com")
+    session = new_session("https://contoso.crm4.dynamics.com")
     assert "https" not in session.proxies

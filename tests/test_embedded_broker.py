@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import DeadLetterReason
+from shared.errors import BrokerClosed, DeadLetterReason
 from shared.settings import Settings
 from shared.transport import EmbeddedBroker, OutgoingMessage, ReceivedMessage, Transport, make_transport
 from shared.transport import embedded as embedded_module
@@ -222,7 +222,7 @@ def receive_in_thread(broker: EmbeddedBroker, queue: str, results: list[object])
     def run() -> None:
         try:
             results.extend(broker.receive(queue, max_wait=60))
-        except RuntimeError as exc:
+        except BrokerClosed as exc:
             results.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -287,7 +287,7 @@ def test_closing_the_broker_ends_a_waiting_receive(
 
     assert not thread.is_alive()
     assert len(results) == 1
-    assert isinstance(results[0], RuntimeError)
+    assert isinstance(results[0], BrokerClosed)
 
 
 def test_connections_of_finished_threads_are_closed_not_kept(broker: EmbeddedBroker) -> None:
@@ -306,7 +306,7 @@ def test_connections_of_finished_threads_are_closed_not_kept(broker: EmbeddedBro
 def test_closed_broker_refuses_work(broker: EmbeddedBroker) -> None:
     broker.close()
 
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(BrokerClosed, match="closed"):
         broker.send(QUEUE, [message("late")])
 
 

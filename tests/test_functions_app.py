@@ -16,8 +16,8 @@ from typing import Any
 import azure.functions as func
 import pytest
 
-from functions import _host
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, SERVICEBUS_CONNECTION
+from shared.services import use_process_services
 from shared.simulator import CrmSimulator
 from tests.fixtures.functions import registered
 from tests.fixtures.harness import Harness, lead_message
@@ -69,13 +69,11 @@ class RecordingActions:
 @pytest.fixture
 def functions_host(simulator: CrmSimulator, tmp_path: Path) -> Iterator[Harness]:
     harness = Harness(simulator, tmp_path)
-    host = _host.Host(harness.settings, harness.services.pipeline, harness.services.transport)
-    original = _host.host
-    _host.host = lambda: host  # type: ignore[assignment]
+    use_process_services(harness.services)
     try:
         yield harness
     finally:
-        _host.host = original  # type: ignore[assignment]
+        use_process_services(None)
         harness.services.close()
 
 

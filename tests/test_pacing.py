@@ -11,8 +11,8 @@ import pytest
 
 from shared.crm.pacing import Decision, Pacer, PacingPolicy, Permit, RequestWindow, Wait, request_window_of
 from shared.errors import ConfigurationError, CrmPaced, CrmThrottled
+from shared.pipeline.outcomes import Delivered, Retry, outcome_for_error
 from shared.pipeline.settle import Settled
-from shared.pipeline.stages import Delivered, Retry, outcome_for_error
 from shared.runtime.embedded import EmbeddedRuntime
 from shared.settings import Settings
 from shared.simulator import CrmSimulator
@@ -113,7 +113,7 @@ def test_a_penalty_of_one_crm_user_leaves_another_alone() -> None:
 
 def test_a_penalty_learnt_elsewhere_holds_the_user_without_changing_its_rate() -> None:
     pacer, clock = make_pacer(initial_rate=10.0)
-    pacer.penalise(KEY, 3.0)
+    pacer.penalties.penalise(KEY, 3.0)
     assert pacer.decide(KEY).reason == Wait.PENALTY
     assert pacer.snapshot(KEY).rate == 10.0
     clock.advance(3.0)
@@ -343,8 +343,8 @@ def test_paced_messages_wait_in_the_backlog_without_spending_an_attempt(
         h.send([lead_message(publisher, n) for n in range(15)])
         seen, observe = _recorder()
         # Slow and strictly paced: most requests are told "not yet" at first.
-        pacer = Pacer(PacingPolicy(initial_rate=20.0, increase=0.0, burst=1.0, max_wait=0.0))
-        h.runtime = EmbeddedRuntime(h.services.transport, h.services.pipeline, observer=observe, pacer=pacer).start()
+        h.services.pipeline.pacer = Pacer(PacingPolicy(initial_rate=20.0, increase=0.0, burst=1.0, max_wait=0.0))
+        h.runtime = EmbeddedRuntime(h.services.transport, h.services.pipeline, observer=observe).start()
         h.wait_for(lambda: len(h.written(publisher)) == 15)
         assert [s for s in seen if s.action == "rescheduled"] == []
         writes = [s for s in seen if s.stage == "write_lead"]

@@ -31,7 +31,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from functions import _host
 from shared.errors import DeadLetterReason
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED
-from shared.ops.status import StatusBook
 from shared.ops.telemetry import (
     DEAD_LETTERED,
     DELIVERED,
@@ -42,10 +41,8 @@ from shared.ops.telemetry import (
     fan_out,
 )
 from shared.pipeline.messages import envelope
+from shared.pipeline.outcomes import STAGES, Delivered, Forward, Outcome, Reject, Retry
 from shared.pipeline.settle import Settled, settle
-from shared.pipeline.stages import STAGES, Delivered, Forward, Outcome, Pipeline, Reject, Retry
-from shared.secretstore import make_secret_store
-from shared.secretstore.base import ConnectionStore
 from shared.services import Services
 from shared.settings import Settings
 from shared.transport.embedded import EmbeddedBroker
@@ -265,16 +262,13 @@ class RecordingActions(_host.MessageActions):
     ) -> None:
         self.calls.append(("deadletter", deadletter_reason))
 
+    def renew_message_lock(self, message: Any) -> None:
+        self.calls.append(("renew", None))
 
-def test_the_functions_host_feeds_status_and_metrics_from_each_trigger(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    settings = Settings.from_env({"LEADWRITER_DATA_DIR": str(tmp_path / "data")})
-    host = _host.Host(
-        settings,
-        Pipeline(settings, ConnectionStore(make_secret_store(settings))),
-        broker,
-        status=StatusBook(tmp_path / "status.db"),
-        metrics=Metrics(otel=False),
-    )
+
+def test_the_functions_host_feeds_status_and_metrics_from_each_trigger(tmp_path: Path) -> None:
+    services = Services.from_settings(Settings.from_env({"LEADWRITER_DATA_DIR": str(tmp_path / "data")}))
+    services.metrics = Metrics(otel=False)
     message = sdk_message(
         None,
         message_id="broken-1",
@@ -282,14 +276,15 @@ def test_the_functions_host_feeds_status_and_metrics_from_each_trigger(broker: E
         properties={"publisherId": "contoso", "leadId": "broken-1", "attempt": 1},
     )
     actions = RecordingActions()
-
-    settled = _host.run_stage("validate_credentials", message, actions, using=host)
+    try:
+        settled = _host.run_stage("validate_credentials", message, actions, services=services)
+    finally:
+        services.close()
 
     assert actions.calls == [("deadletter", "InvalidLead")]
     assert settled.action == DEAD_LETTERED
-    assert host.metrics.snapshot().dead_lettered == {"validate_credentials": {"InvalidLead": 1}}
-    assert host.status is not None
-    assert host.status.get("contoso").last_error_reason == "InvalidLead"
+    assert services.metrics.snapshot().dead_lettered == {"validate_credentials": {"InvalidLead": 1}}
+    assert services.status.get("contoso").last_error_reason == "InvalidLead"
 
 
 # -- the settlement log line ----------------------------------------------------------------------
@@ -483,7 +478,7 @@ from shared.pipeline.messages import envelope
 from shared.names import QUEUE_INCOMING
 from shared.settings import Settings
 from shared.pipeline.settle import settle
-from shared.pipeline.stages import Reject
+from shared.pipeline.outcomes import Reject
 from shared.ops.telemetry import Metrics, configure_telemetry
 from shared.transport import make_transport
 

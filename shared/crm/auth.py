@@ -29,6 +29,7 @@ from shared.crm.errors import (
 )
 from shared.crm.urlguard import check_crm_url
 from shared.errors import CredentialsRejected, LeadWriterError
+from shared.http import new_session
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class TokenProvider:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
-        self._session = session or requests.Session()
+        self._session = session or new_session(settings.authority_host)
         self._clock = clock
         self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
         self._guard = threading.Lock()

@@ -1,7 +1,8 @@
 """The Dataverse Web API client (DESIGN §4): WhoAmI, the solution check, and idempotent lead writes.
 
-Every request: the URL guard has passed, the CRM user's throttle penalty is consulted first (nothing is
-sent inside a penalty), redirects are never followed, timeouts are explicit, and a 401 on a cached token
+Every request: the URL guard has passed, the CRM user's penalty and pacing are consulted first (nothing
+is sent inside a penalty; the pacer records every 429 in the one penalty record), redirects are never
+followed, timeouts are explicit, and a 401 on a cached token
 gets exactly one retry with a fresh token. Status codes become errors only in
 :mod:`shared.crm.errors`.
 """
@@ -39,9 +40,9 @@ from shared.crm.errors import (
     request_id_of,
 )
 from shared.crm.pacing import Pacer, request_window_of
-from shared.crm.penalties import Throttle
 from shared.crm.urlguard import check_crm_url
 from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError
+from shared.http import new_session
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -94,21 +95,20 @@ class DataverseClient:
         settings: Settings,
         *,
         tokens: TokenProvider,
-        throttle: Throttle | None = None,
         pacer: Pacer | None = None,
         session: requests.Session | None = None,
     ) -> None:
         """Raises UnsafeCrmUrl when the connection's URL is not an allowed CRM host.
 
-        With a ``pacer``, every request first takes a slot of this CRM user's rate and concurrency
-        (see shared/crm/pacing.py) and raises CrmPaced, unsent, when none frees within a short moment.
+        Every request first takes a slot of this CRM user's rate and concurrency from ``pacer`` (one
+        shared by every client of the process; a private one when none is given) and raises CrmPaced,
+        unsent, when none frees within a short moment or the user is in a penalty.
         """
         self._origin = check_crm_url(connection.url, settings.crm_allowed_hosts)
         self._connection = connection
         self._tokens = tokens
-        self._throttle = throttle
-        self._pacer = pacer
-        self._session = session or _session_for(self._origin)
+        self._pacer = pacer or Pacer()
+        self._session = session or new_session(self._origin)
         self._timeout = (settings.crm_connect_timeout, settings.crm_read_timeout)
         self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
         auth = connection.auth
@@ -265,9 +265,7 @@ class DataverseClient:
             for index, lead in enumerate(leads)
         ]
         throttled = [r.error.retry_after or 0.0 for r in results if isinstance(r.error, CrmThrottled)]
-        if throttled and self._throttle is not None:
-            self._throttle.penalise(self._throttle_key, max(throttled))
-        if throttled and self._pacer is not None:
+        if throttled:
             self._pacer.push_back(self._throttle_key, max(throttled))
         return results
 
@@ -318,20 +316,15 @@ class DataverseClient:
         assert response is not None
         status = response.status_code
         if status == 429 or status == 401 or 300 <= status < 400:
-            error = error_from_response(status, response.headers, response.content, operation=operation)
-            if isinstance(error, CrmThrottled) and self._throttle is not None:
-                self._throttle.penalise(self._throttle_key, error.retry_after or 0.0)
-            raise error
+            # A 429's penalty is recorded already: the pacer took it from the response.
+            raise error_from_response(status, response.headers, response.content, operation=operation)
         return response
 
     def _check_penalty(self, operation: str) -> None:
-        if self._throttle is None:
-            return
-        remaining = self._throttle.remaining(self._throttle_key)
+        # Before the token: a penalised CRM user costs no token request either. This read may look
+        # at the shared record (another process or instance may have met the 429).
+        remaining = self._pacer.penalty_remaining(self._throttle_key)
         if remaining > 0:
-            if self._pacer is not None:
-                # Another process (or a restart) learnt of this penalty: hold the pacer too.
-                self._pacer.penalise(self._throttle_key, remaining)
             raise CrmPaced(
                 f"{operation} not sent: the CRM user is in a service protection penalty "
                 f"for {remaining:.1f} s",
@@ -348,8 +341,6 @@ class DataverseClient:
         headers: Mapping[str, str] | None,
         operation: str,
     ) -> requests.Response:
-        if self._pacer is None:
-            return self._send(method, path, token, body=body, headers=headers, operation=operation)
         # The slot is taken after the token (a slow token endpoint must not hold a CRM slot) and
         # right before the request leaves: the pacer's penalty check and the send are back to back.
         permit = self._pacer.acquire(self._throttle_key)
@@ -443,19 +434,3 @@ def _json_body(columns: Mapping[str, Any]) -> bytes:
 
 def _failure(response: requests.Response, operation: str) -> LeadWriterError:
     return error_from_response(response.status_code, response.headers, response.content, operation=operation)
-
-
-def _session_for(origin: str) -> requests.Session:
-    """A session whose environment settings are read once, here, instead of on every request.
-
-    With ``trust_env`` on, requests re-reads the proxy variables (walking the whole environment) and
-    ~/.netrc for each request — about a tenth of our CPU per lead at low volume — and a netrc entry
-    could add credentials we never meant to send. The CA bundle comes from settings
-    (``REQUESTS_CA_BUNDLE``) and is passed with every request; the proxies the environment names for
-    this CRM are taken once.
-    """
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies.update(requests.utils.get_environ_proxies(origin))
-    return session
-

@@ -7,11 +7,9 @@ the Entra error number): never our request body, a header, a token, a password o
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import re
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,13 +25,10 @@ from shared.errors import (
     LeadWriterError,
     PermissionDenied,
 )
+from shared.http import retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
-#: Used when a 429 carries no usable Retry-After (Dataverse always sends one; a proxy might not).
-DEFAULT_RETRY_AFTER = 30.0
-#: Longest penalty we accept from a Retry-After, so a malformed header cannot park a publisher for days.
-MAX_RETRY_AFTER = 3600.0
 #: Dataverse's "duplicate key" error: a create that found the record already there.
 DUPLICATE_KEY_CODE = "0x80040237"
 _MAX_MESSAGE = 500
@@ -48,28 +43,30 @@ _MSAL_HTTP_ERROR = re.compile(r"HTTP Error: (\d{3})")
 _TOKEN_LIKE = re.compile(r"(?i)bearer\s+\S+|eyJ[\w-]+\.[\w-]+\.[\w-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
-#: Entra error numbers a publisher fixes by changing its credentials or its tenant, with what to tell it.
+#: Entra error numbers a publisher fixes by changing its credentials or its tenant, with what to tell it:
+#: the one wording, used by the stages' dead letters and by live verification alike.
 ENTRA_MESSAGES: Mapping[int, str] = {
     50034: "the user account does not exist in this tenant",
     50053: "the account is locked after too many failed sign-ins",
     50055: "the password has expired; set a new one and update the connection",
     50056: "the user has no password in Entra ID (a federated or passwordless account cannot be used)",
-    50057: "the user account is disabled",
+    50057: "the user account is disabled: enable it in Entra ID",
     50072: "the account must register for multi-factor authentication; use a service account without MFA "
     "or a clientSecret connection",
-    50076: "multi-factor authentication is required for this account; use a service account excluded from "
-    "MFA or a clientSecret connection",
+    50076: "multi-factor authentication is required for this account: use a service account excluded from "
+    "MFA, or a clientSecret connection",
     50079: "the account must register for multi-factor authentication; use a service account without MFA "
     "or a clientSecret connection",
-    50126: "the password was rejected for this user name",
+    50126: "the password was rejected: check the user name and password of the service account",
     50158: "an external security challenge (conditional access) is required for this account",
     53003: "conditional access blocked the sign-in",
     65001: "the application has no consent in this tenant; a tenant administrator must grant it",
-    700016: "the application (client id) was not found in this tenant",
-    7000215: "the client secret was rejected",
+    700016: "the application (client id) was not found in this tenant: check the client id and the tenant id",
+    7000215: "the client secret was rejected: use the secret's value, not its id, and check that it has not "
+    "expired",
     7000222: "the client secret has expired; create a new one and update the connection",
     7000218: "the client id belongs to a confidential application; use a clientSecret connection",
-    90002: "the tenant was not found",
+    90002: "the tenant was not found: check the tenant id",
     900023: "the tenant id is not a valid tenant",
     90019: "no tenant could be determined from the user name; give the tenant id",
 }
@@ -114,27 +111,6 @@ def is_already_there(status: int, body: bytes | str | None) -> bool:
     return (code or "").lower() == DUPLICATE_KEY_CODE or "duplicate key" in (message or "").lower()
 
 
-def retry_after_seconds(headers: Mapping[str, str] | None, default: float = DEFAULT_RETRY_AFTER) -> float:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), bounded; ``default`` if none."""
-    if not headers:
-        return default
-    lowered = {str(name).lower(): value for name, value in headers.items()}
-    raw = (lowered.get("retry-after") or "").strip()
-    if not raw:
-        return default
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return default
-        seconds = when.timestamp() - time.time()
-    if seconds != seconds:  # NaN
-        return default
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
 def error_from_response(
     status: int,
     headers: Mapping[str, str] | None,
@@ -169,7 +145,7 @@ def error_from_response(
             **context,
         )
     if status == 429:
-        seconds = retry_after_seconds(headers)
+        seconds = retry_after_seconds(headers) or 0.0
         return CrmThrottled(
             f"the CRM throttled {operation} (service protection limit); retry after {seconds:g} s",
             retry_after=seconds,

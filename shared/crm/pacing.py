@@ -12,10 +12,11 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
   ceiling just found). A success sent while the bucket still had spare tokens does not grow the rate:
   an idle publisher must not build up a rate it never used and then fire it all at once;
 - a **concurrency cap** (``max_concurrent``, below Dataverse's 52);
-- the **penalty**: after a 429 nothing is granted for exactly ``Retry-After`` seconds. The
-  :class:`~shared.crm.penalties.PenaltyBook` keeps the same end time across processes and restarts; the
-  pacer's own copy is checked in the same critical section that grants the slot, right before the
-  request leaves, so no request slips out between a 429 arriving and the book being consulted.
+- the **penalty**: after a 429 nothing is granted for exactly ``Retry-After`` seconds. The penalty
+  itself lives in :class:`~shared.crm.penalties.Penalties` (shared across processes, restarts and
+  instances); the pacer records every push-back there and checks it in the same critical section that
+  grants the slot, right before the request leaves, so no request slips out between a 429 arriving
+  and the penalty being consulted.
   After a push-back the bucket holds a single token: requests leave evenly spaced, not in bursts;
 - the **request window**, once learnt: Dataverse's 429 for the request limit says which limit it is
   ("Number of requests exceeded the limit of 6000 over time window of 300 seconds."). The pacer
@@ -28,8 +29,8 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
 :meth:`Pacer.decide` and :meth:`Pacer.release` are pure decision logic over an injectable clock (the
 tests drive them as tables); :meth:`Pacer.acquire` wraps ``decide`` for callers that may wait a
 *short moment* (``max_wait``) and raises :class:`~shared.errors.CrmPaced` beyond it: a worker thread is
-never parked on one publisher's CRM, so other publishers keep flowing (see shared/runtime/embedded.py for
-where a paced message waits).
+never parked on one publisher's CRM, so other publishers keep flowing (a paced message waits in the
+embedded runtime's backlog, or as a deferred copy that spends no retry attempt).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from shared.crm.penalties import Penalties
 from shared.errors import CrmPaced
 
 logger = logging.getLogger(__name__)
@@ -164,7 +166,6 @@ class _KeyState:
     tokens: float
     updated: float
     in_flight: int = 0
-    penalty_until: float = 0.0
     pushed_back: bool = False
     window: RequestWindow | None = None
     sent: deque[float] = field(default_factory=deque)
@@ -191,8 +192,16 @@ class Pacer:
     ``clock`` (monotonic seconds) drives every decision, so tests can move time by hand.
     """
 
-    def __init__(self, policy: PacingPolicy | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: PacingPolicy | None = None,
+        *,
+        penalties: Penalties | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.policy = policy or PacingPolicy()
+        #: The one record of 429 penalties; without one given, this pacer's own (one process, its clock).
+        self.penalties = penalties or Penalties(clock=clock, wall=clock)
         self._clock = clock
         self._lock = threading.Condition()
         self._keys: dict[str, _KeyState] = {}
@@ -223,8 +232,9 @@ class Pacer:
 
     def _decide(self, key: str, now: float) -> Decision:
         state = self._state(key, now)
-        if now < state.penalty_until:
-            return Decision(None, state.penalty_until - now, Wait.PENALTY)
+        penalty = self.penalties.local_remaining(key)
+        if penalty > 0:
+            return Decision(None, penalty, Wait.PENALTY)
         if state.in_flight >= self.policy.max_concurrent:
             return Decision(None, self.policy.concurrency_wait, Wait.CONCURRENCY)
         if state.window is not None:
@@ -251,10 +261,11 @@ class Pacer:
         with self._lock:
             now = self._clock()
             state = self._keys.get(key)
+            penalty = self.penalties.local_remaining(key)
+            if penalty > 0:
+                return penalty, 0
             if state is None:
                 return 0.0, int(self.policy.burst)
-            if now < state.penalty_until:
-                return state.penalty_until - now, 0
             slots = self.policy.max_concurrent - state.in_flight
             if slots <= 0:
                 return self.policy.concurrency_wait, 0
@@ -287,7 +298,7 @@ class Pacer:
                     state.sent.remove(permit.sent_at)
                 if window is not None:
                     state.window = window
-                self._push_back(state, now, retry_after)
+                self._push_back(permit.key, state, now, retry_after)
             elif ok and permit.at_limit:
                 step = policy.increase / state.rate if state.pushed_back else policy.increase
                 self._refill(state, now)
@@ -301,29 +312,27 @@ class Pacer:
             state = self._state(key, now)
             if window is not None:
                 state.window = window
-            self._push_back(state, now, retry_after)
+            self._push_back(key, state, now, retry_after)
 
-    def _push_back(self, state: _KeyState, now: float, retry_after: float) -> None:
-        if now >= state.penalty_until:
+    def _push_back(self, key: str, state: _KeyState, now: float, retry_after: float) -> None:
+        if self.penalties.local_remaining(key) <= 0:
             # A new push-back. (A 429 inside the penalty answers a request that was in flight with
             # the first one: the same push-back, which extends the penalty but halves nothing.)
             state.in_flight_at_push_back += state.in_flight
             self._refill(state, now)
             state.rate = max(self.policy.min_rate, state.rate * self.policy.decrease)
-        state.penalty_until = max(state.penalty_until, now + max(0.0, retry_after))
+        self.penalties.penalise(key, max(0.0, retry_after))
         state.pushed_back = True
         # One token, frozen until the penalty is over: the first request goes exactly when it ends
         # (Retry-After, not a moment later), the next ones at the halved rate.
         state.tokens = 1.0
-        state.updated = max(now, state.penalty_until)
+        state.updated = now + self.penalties.local_remaining(key)
         logger.info("CRM user pushed back: holding it %.1f s, pacing at %.1f requests/s", retry_after, state.rate)
 
-    def penalise(self, key: str, seconds: float) -> None:
-        """Hold ``key`` for ``seconds`` (a penalty learnt elsewhere, e.g. from another process)."""
-        with self._lock:
-            now = self._clock()
-            state = self._state(key, now)
-            state.penalty_until = max(state.penalty_until, now + seconds)
+    def penalty_remaining(self, key: str) -> float:
+        """Seconds left in ``key``'s penalty, looking at the shared record when due (may do I/O, so
+        callers ask it before :meth:`acquire`, outside the pacer's lock)."""
+        return self.penalties.remaining(key)
 
     # -- waiting a short moment ---------------------------------------------------------------------
 
@@ -363,7 +372,7 @@ class Pacer:
                 rate=state.rate,
                 tokens=tokens,
                 in_flight=state.in_flight,
-                penalty_remaining=max(0.0, state.penalty_until - now),
+                penalty_remaining=self.penalties.local_remaining(key),
                 pushed_back=state.pushed_back,
                 window=state.window,
                 in_flight_at_push_back=state.in_flight_at_push_back,

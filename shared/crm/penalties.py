@@ -1,168 +1,181 @@
-"""CRM service-protection penalties (DESIGN §5): after a 429, nothing goes to that CRM user until
-``Retry-After`` has elapsed — from any stage, and across a restart of the process.
+"""CRM service-protection penalties: after a 429, nothing goes to that CRM user until its
+``Retry-After`` has elapsed — from any stage, any process, any instance, and across a restart.
 
-The :class:`Throttle` protocol is what the Dataverse client consults before every request.
+:class:`Penalties` is the one record of them. The pacer (:mod:`shared.crm.pacing`) consults it before
+granting a request and records every push-back in it; nothing else tracks a penalty. It keeps each
+penalty's end on the monotonic clock (a wall-clock step cannot cut a penalty short or stretch it) and
+shares it through a :class:`PenaltyStore` as a wall-clock time, bounded on the way back in:
+
+- :class:`FilePenaltyStore` — a JSON file in the data dir (the processes of one machine);
+- ``shared.state.penalties.StatePenaltyStore`` — the shared state store (every Azure instance);
+- :class:`MemoryPenaltyStore` — one process only (tests, tools).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from shared.http import MAX_RETRY_AFTER
+
 logger = logging.getLogger(__name__)
 
+#: Penalties remembered per process at most (CRM users); the oldest-ending are forgotten first.
+MAX_KEYS = 10_000
 
-class Throttle(Protocol):
-    def remaining(self, key: str) -> float:
-        """Seconds left in the penalty for ``key`` (0 when none)."""
+
+class PenaltyStore(Protocol):
+    """Where penalty ends (wall-clock epoch seconds) are shared between processes."""
+
+    #: How often (seconds) :class:`Penalties` may look at the store for one key.
+    refresh_interval: float
+
+    def read(self, key: str) -> float | None:
+        """The stored end of ``key``'s penalty, or None. Raises on a store failure."""
         ...
 
-    def penalise(self, key: str, seconds: float) -> None:
-        """Record that ``key`` may not be called for ``seconds`` from now."""
+    def extend(self, key: str, until: float) -> None:
+        """Keep ``until`` unless a later end is stored already. Raises on a store failure."""
+        ...
 
 
-class PenaltyBook:
-    """Penalties kept in memory and, when ``path`` is given, in a JSON file a restarted process reads.
+class MemoryPenaltyStore:
+    """No sharing: the penalties of this process only."""
 
-    Uses wall-clock time for the persisted end times (a restart loses the monotonic clock).
-    """
+    refresh_interval = float("inf")
 
-    def __init__(self, path: Path | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def read(self, key: str) -> float | None:
+        return None
+
+    def extend(self, key: str, until: float) -> None:
+        return None
+
+
+class FilePenaltyStore:
+    """A JSON object ``{key: until}`` in one file, replaced atomically; re-read when it changed."""
+
+    refresh_interval = 0.0
+
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time) -> None:
         self._path = path
-        self._clock = clock
+        self._wall = wall
         self._lock = threading.Lock()
-        self._until: dict[str, float] = {}
-        self._mtime = 0.0
-        self._load()
+        self._mtime = -1.0
+        self._data: dict[str, float] = {}
 
     def _load(self) -> None:
-        if self._path is None or not self._path.exists():
+        try:
+            mtime = self._path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == self._mtime:
             return
         try:
-            stat = self._path.stat()
-            if stat.st_mtime == self._mtime:
-                return
             data = json.loads(self._path.read_text())
-            self._mtime = stat.st_mtime
         except (OSError, ValueError):
             return
+        self._mtime = mtime
         if isinstance(data, dict):
-            for key, until in data.items():
-                if isinstance(until, int | float):
-                    self._until[key] = max(self._until.get(key, 0.0), float(until))
+            self._data = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
-    def remaining(self, key: str) -> float:
-        with self._lock:
-            # Another process (another stage worker) may have recorded a penalty.
-            self._load()
-            left = self._until.get(key, 0.0) - self._clock()
-            return left if left > 0 else 0.0
-
-    def penalise(self, key: str, seconds: float) -> None:
+    def read(self, key: str) -> float | None:
         with self._lock:
             self._load()
-            now = self._clock()
-            self._until[key] = max(self._until.get(key, 0.0), now + seconds)
-            self._until = {k: v for k, v in self._until.items() if v > now}
-            if self._path is not None:
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(self._until))
-                os.replace(tmp, self._path)
-                self._mtime = self._path.stat().st_mtime
+            return self._data.get(key)
+
+    def extend(self, key: str, until: float) -> None:
+        with self._lock:
+            self._load()
+            now = self._wall()
+            self._data[key] = max(self._data.get(key, 0.0), until)
+            self._data = {k: v for k, v in self._data.items() if v > now}
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self._data))
+            os.replace(tmp, self._path)
+            self._mtime = self._path.stat().st_mtime
 
 
-#: Secret-name prefix of shared penalties (Key Vault-safe; distinct from connections and API keys).
-PENALTY_PREFIX = "penalty-"
+class Penalties:
+    """The penalty of each CRM user (``<origin>|<principal>``). Thread-safe.
 
-
-class SharedPenaltyBook:
-    """Penalties shared between instances through the secret store (Key Vault in Azure).
-
-    On Azure Functions every instance has its own ``/tmp``: a 429 one instance received must keep the
-    others away from that CRM user too. ``penalise`` records the penalty's end in the store as well as
-    locally; ``remaining`` answers from the local book and looks at the store at most every
-    ``refresh`` seconds per CRM user (a Key Vault read every few seconds, not one per CRM request).
-    The store is best effort: when it cannot be read or written, the local book still holds.
-    The secret's name is a hash of the CRM user, so no user name or URL is stored in it.
+    ``remaining`` answers from memory and looks at the store at most every ``refresh`` seconds per
+    key; ``local_remaining`` never does I/O (the pacer asks it under its lock). The store is best
+    effort: when it cannot be read or written, this process's record still holds.
     """
 
     def __init__(
         self,
-        store: SecretStoreLike,
-        local: PenaltyBook,
+        store: PenaltyStore | None = None,
         *,
-        refresh: float = 2.0,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        refresh: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        self._store = store
-        self._local = local
-        self._refresh = refresh
+        self._store: PenaltyStore = store or MemoryPenaltyStore()
+        self._refresh = self._store.refresh_interval if refresh is None else refresh
         self._clock = clock
-        self._monotonic = monotonic
-        self._checked: dict[str, float] = {}
+        self._wall = wall
         self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+        self._checked: dict[str, float] = {}
 
-    @staticmethod
-    def secret_name(key: str) -> str:
-        return PENALTY_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:48]
+    def local_remaining(self, key: str) -> float:
+        """Seconds left in ``key``'s penalty as this process knows it (0 when none); no I/O."""
+        with self._lock:
+            left = self._until.get(key, 0.0) - self._clock()
+        return left if left > 0 else 0.0
 
     def remaining(self, key: str) -> float:
-        left = self._local.remaining(key)
+        """Seconds left in ``key``'s penalty, consulting the store when it is due. Raises nothing."""
+        left = self.local_remaining(key)
         if left > 0:
             return left
-        now = self._monotonic()
+        now = self._clock()
         with self._lock:
-            if now - self._checked.get(key, float("-inf")) < self._refresh:
+            last = self._checked.get(key)
+            if last is not None and now - last < self._refresh:
                 return 0.0
             self._checked[key] = now
+            self._bound(self._checked)
         try:
-            value = self._store.get(self.secret_name(key))
-        except Exception:  # noqa: BLE001 - a store outage must not stop deliveries; the local book holds
-            logger.warning("shared penalty for a CRM user could not be read; using this instance's only")
+            until = self._store.read(key)
+        except Exception:  # noqa: BLE001 - a store outage must not stop deliveries; our own record holds
+            logger.warning("the shared penalty of a CRM user could not be read; using this process's record")
             return 0.0
-        try:
-            until = float(value) if value else 0.0
-        except ValueError:
+        if until is None:
             return 0.0
-        seconds = until - self._clock()
-        if seconds > 0:
-            self._local.penalise(key, seconds)
-            return seconds
-        return 0.0
+        seconds = min(until - self._wall(), MAX_RETRY_AFTER)
+        if seconds <= 0:
+            return 0.0
+        self._hold(key, seconds)
+        return seconds
 
     def penalise(self, key: str, seconds: float) -> None:
-        self._local.penalise(key, seconds)
-        until = self._clock() + seconds
+        """Record that ``key`` may not be called for ``seconds`` from now, here and in the store."""
+        seconds = min(max(seconds, 0.0), MAX_RETRY_AFTER)
+        self._hold(key, seconds)
         try:
-            current = self._store.get(self.secret_name(key))
-            if current and float(current) >= until:
-                return
-            self._store.put(self.secret_name(key), f"{until:.3f}", content_type="text/plain", tags={"kind": "penalty"})
-        except Exception:  # noqa: BLE001 - best effort: this instance is penalised either way
-            logger.warning("shared penalty for a CRM user could not be recorded; only this instance holds it")
+            self._store.extend(key, self._wall() + seconds)
+        except Exception:  # noqa: BLE001 - best effort: this process is held either way
+            logger.warning("the penalty of a CRM user could not be shared; only this process holds it")
 
+    def _hold(self, key: str, seconds: float) -> None:
+        with self._lock:
+            until = self._clock() + seconds
+            self._until[key] = max(self._until.get(key, 0.0), until)
+            self._bound(self._until)
 
-class SecretStoreLike(Protocol):
-    """The part of :class:`shared.secretstore.base.SecretStore` the shared book uses."""
-
-    def get(self, name: str) -> str | None: ...
-
-    def put(
-        self, name: str, value: str, *, content_type: str = ..., tags: Mapping[str, str] | None = None
-    ) -> None: ...
-
-
-def penalty_book_for(settings_data_dir: Path, shared_store: SecretStoreLike | None) -> Throttle:
-    """The penalty book a process uses: the data dir's file, shared through ``shared_store`` when one
-    is given (Key Vault in Azure, where instances do not share a disk)."""
-    local = PenaltyBook(settings_data_dir / "penalties.json")
-    return local if shared_store is None else SharedPenaltyBook(shared_store, local)
+    @staticmethod
+    def _bound(table: dict[str, float]) -> None:
+        if len(table) > MAX_KEYS:
+            for key in sorted(table, key=table.__getitem__)[: len(table) - MAX_KEYS]:
+                del table[key]

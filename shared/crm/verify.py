@@ -22,42 +22,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import requests
-
 from shared.crm import DataverseClient
 from shared.crm.connection import Connection, PasswordAuth, Verification
+from shared.crm.solution import require_supported
 from shared.errors import (
-    CredentialsRejected,
     DeadLetter,
     DeadLetterReason,
     PermissionDenied,
-    SolutionMissing,
-    SolutionVersionUnsupported,
-    UnsafeCrmUrl,
 )
-from shared.pipeline.stages import Pipeline
-from shared.settings import parse_version
+from shared.http import new_session
+from shared.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
 Step = Literal["token", "whoAmI", "solution", "createLeads"]
 StepState = Literal["passed", "failed", "skipped"]
 STEPS: tuple[Step, ...] = ("token", "whoAmI", "solution", "createLeads")
-
-#: Shorter, plainer wording than the generic table for the Entra errors publishers meet most when
-#: they set a connection up; the rest keep the message of :mod:`shared.crm.errors`.
-_VERIFY_MESSAGES: dict[int, str] = {
-    50126: "the password was rejected (AADSTS50126): check the user name and password of the service account",
-    50076: "multi-factor authentication is required for this account (AADSTS50076): use a service account "
-    "excluded from MFA, or a clientSecret connection",
-    50057: "the user account is disabled (AADSTS50057): enable it in Entra ID",
-    7000215: "the client secret was rejected (AADSTS7000215): use the secret's value, not its id, "
-    "and check that it has not expired",
-    700016: "the application (client id) was not found in this tenant (AADSTS700016): check the client id "
-    "and the tenant id",
-    90002: "the tenant was not found (AADSTS90002): check the tenant id",
-}
-
 
 @dataclass
 class VerificationReport:
@@ -83,8 +63,6 @@ def _principal(connection: Connection) -> str:
 
 
 def _failure_message(error: DeadLetter, connection: Connection) -> str:
-    if isinstance(error, CredentialsRejected) and error.entra_code in _VERIFY_MESSAGES:
-        return _VERIFY_MESSAGES[error.entra_code]
     if isinstance(error, PermissionDenied):
         return (
             f"{_principal(connection)} lacks the Lead Writer role or is not a user of this environment: {error.message}"
@@ -112,11 +90,9 @@ def verify_connection(
     settings = pipeline.settings
     # A client of its own, not the pipeline's cache: a connection that fails verification must not
     # leave a client (and its HTTP session) behind for every attempt.
-    session = requests.Session()
+    session = new_session(connection.url)
     try:
-        client = DataverseClient(
-            connection, settings, tokens=pipeline.tokens, throttle=pipeline.throttle, session=session
-        )
+        client = DataverseClient(connection, settings, tokens=pipeline.tokens, pacer=pipeline.pacer, session=session)
         return _verify(pipeline, connection, client, now)
     finally:
         session.close()
@@ -139,7 +115,7 @@ def _verify(
         report.checks["whoAmI"] = "passed"
         step = "solution"
         version = client.solution_version(settings.solution_name)
-        _check_version(version, settings.solution_name, settings.min_solution_version, settings.min_version)
+        require_supported(version, settings)
         report.checks["solution"] = "passed"
         step = "createLeads"
         if not client.can_create_leads(user_id):
@@ -166,10 +142,9 @@ def _verify(
             solution_version=version,
         )
         return report
-    except ValueError as error:
+    except ValueError:
         # can_create_leads refuses a WhoAmI user id that is not a GUID: the CRM is not a real Dataverse.
-        if isinstance(error, UnsafeCrmUrl):
-            raise
+        # (An UnsafeCrmUrl is an InvalidInput, so a ValueError too: it was raised before this try.)
         report.checks[step] = "failed"
         report.verification = Verification(
             ok=False,
@@ -181,23 +156,3 @@ def _verify(
     report.verification = Verification(ok=True, checked_at=now(), user_id=user_id, solution_version=version)
     logger.info("connection verified: solution %s", version)
     return report
-
-
-def _check_version(version: str | None, name: str, minimum_text: str, minimum: tuple[int, ...]) -> None:
-    """Raises SolutionMissing / SolutionVersionUnsupported."""
-    if version is None:
-        raise SolutionMissing(
-            f"solution not installed: import the Microsoft Marketplace Lead Writer solution ({name}) "
-            "in Dynamics (Settings → Solutions → Import)"
-        )
-    try:
-        installed = parse_version(version)
-    except ValueError:
-        raise SolutionVersionUnsupported(
-            f"the CRM reports an unreadable version for the {name} solution; reinstall it"
-        ) from None
-    if installed < minimum:
-        raise SolutionVersionUnsupported(
-            f"solution version {version} is installed; {minimum_text} or later is required: "
-            "import the current Microsoft Marketplace Lead Writer solution"
-        )

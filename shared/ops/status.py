@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.errors import CONFIGURATION_REASONS
 from shared.names import PROP_PUBLISHER_ID
+from shared.pipeline.outcomes import SettleAction
 from shared.pipeline.settle import Settled
 
 _SCHEMA = """
@@ -67,14 +68,14 @@ class StatusBook:
             return
         now = datetime.now(UTC).isoformat()
         db = self._db()
-        if settled.action == "delivered":
+        if settled.action is SettleAction.DELIVERED:
             db.execute(
                 "INSERT INTO publisher_status (publisher_id, delivered, last_delivery, consecutive_config_failures)"
                 " VALUES (?, 1, ?, 0) ON CONFLICT(publisher_id) DO UPDATE SET delivered = delivered + 1,"
                 " last_delivery = excluded.last_delivery, consecutive_config_failures = 0",
                 (publisher, now),
             )
-        elif settled.action in ("dead-lettered", "rescheduled"):
+        elif settled.action in (SettleAction.DEAD_LETTERED, SettleAction.RESCHEDULED):
             reason = str(settled.reason or "")
             description = getattr(settled.outcome, "description", reason)
             config = 1 if reason in CONFIGURATION_REASONS else 0
@@ -88,7 +89,7 @@ class StatusBook:
                 (
                     publisher,
                     description,
-                    reason if settled.action == "dead-lettered" else "transient",
+                    reason if settled.action is SettleAction.DEAD_LETTERED else "transient",
                     now,
                     config,
                     config,

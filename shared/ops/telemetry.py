@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, InvalidInput
+from shared.pipeline.outcomes import SettleAction, Stage
 from shared.pipeline.settle import Observer, Settled
-from shared.pipeline.stages import STAGES
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -39,12 +39,12 @@ METER_NAME = "leadwriter"
 #: The logger whose records (and its children's) ``configure_azure_monitor`` exports: all of ``shared``.
 EXPORTED_LOGGER = "shared"
 
-FORWARDED = "forwarded"
-DELIVERED = "delivered"
-RESCHEDULED = "rescheduled"
-DEAD_LETTERED = "dead-lettered"
+FORWARDED = SettleAction.FORWARDED
+DELIVERED = SettleAction.DELIVERED
+RESCHEDULED = SettleAction.RESCHEDULED
+DEAD_LETTERED = SettleAction.DEAD_LETTERED
 #: Every ``Settled.action``, in pipeline reading order.
-ACTIONS: tuple[str, ...] = (FORWARDED, DELIVERED, RESCHEDULED, DEAD_LETTERED)
+ACTIONS: tuple[SettleAction, ...] = tuple(SettleAction)
 
 #: OpenTelemetry counter per settlement action (attributes: ``stage``, and ``reason`` on dead letters).
 OTEL_COUNTERS: Mapping[str, tuple[str, str]] = {
@@ -69,7 +69,7 @@ class MetricsSnapshot:
         if action == DEAD_LETTERED:
             return sum(sum(by_reason.values()) for by_reason in self.dead_lettered.values())
         if action not in ACTIONS:
-            raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+            raise InvalidInput(f"action: {action!r} is not one of {', '.join(ACTIONS)}", field="action")
         counts: Mapping[str, int] = getattr(self, action)
         return sum(counts.values())
 
@@ -150,7 +150,7 @@ class Metrics:
 
 def _pipeline_order(item: tuple[tuple[str, str, str | None], int]) -> tuple[int, str, str]:
     (_, stage, reason), _count = item
-    order = list(STAGES)
+    order: list[str] = list(Stage)
     return (order.index(stage) if stage in order else len(order), stage, reason or "")
 
 

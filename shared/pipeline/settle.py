@@ -21,15 +21,21 @@ from typing import Protocol
 from shared.errors import DeadLetterReason
 from shared.names import PROP_LEAD_ID, PROP_PUBLISHER_ID
 from shared.pipeline.lead import mask_email
-from shared.pipeline.messages import attempt_of, rescheduled_copy
+from shared.pipeline.messages import attempt_of, deferrals_of, rescheduled_copy
+from shared.pipeline.outcomes import Delivered, Forward, Outcome, Reject, Retry, SettleAction, Stage
 from shared.pipeline.retry import next_retry
-from shared.pipeline.stages import STAGES, Delivered, Forward, Outcome, Reject, Retry
 from shared.transport.base import OutgoingMessage, ReceivedMessage
 
 logger = logging.getLogger(__name__)
 
 #: Service Bus accepts long descriptions, but nobody reads past this in a dead-letter listing.
 MAX_DESCRIPTION = 1024
+#: Deferrals (put off without reaching the CRM) a message gets before they count as attempts: far
+#: beyond any penalty or pacing wait, so a message is never put off forever.
+MAX_DEFERRALS = 200
+#: A deferred copy waits at least this long, and up to this share of its wait longer (spread).
+MIN_DEFERRAL = 0.5
+DEFERRAL_SPREAD = 0.25
 
 
 class Sender(Protocol):
@@ -44,10 +50,10 @@ class Settler(Protocol):
 
 @dataclass(frozen=True)
 class Settled:
-    """What happened to a message: ``action`` is forwarded, delivered, rescheduled or dead-lettered."""
+    """What happened to a message."""
 
-    stage: str
-    action: str
+    stage: Stage
+    action: SettleAction
     message: ReceivedMessage
     outcome: Outcome
     reason: str | None = None
@@ -58,7 +64,7 @@ Observer = Callable[[Settled], None]
 
 
 def settle(
-    stage: str,
+    stage: Stage | str,
     message: ReceivedMessage,
     outcome: Outcome,
     *,
@@ -71,14 +77,23 @@ def settle(
 ) -> Settled:
     """Carry out ``outcome`` for ``message``. Raises whatever the broker raises (the message then
     stays locked and is redelivered after its lock expires — nothing is lost)."""
-    queue = STAGES[stage]
+    stage = Stage(stage)
+    queue = stage.queue
     if isinstance(outcome, Forward):
         sender.send(outcome.queue, [outcome.message])
         settler.complete(message)
-        result = Settled(stage, "forwarded", message, outcome)
+        result = Settled(stage, SettleAction.FORWARDED, message, outcome)
     elif isinstance(outcome, Delivered):
         settler.complete(message)
-        result = Settled(stage, "delivered", message, outcome)
+        result = Settled(stage, SettleAction.DELIVERED, message, outcome)
+    elif isinstance(outcome, Retry) and outcome.not_sent and deferrals_of(message) < MAX_DEFERRALS:
+        # Nothing reached the CRM: put off without spending an attempt. Spread over a while after the
+        # wait, so a backlog put off by one penalty does not come back as one burst when it ends.
+        wait = max(outcome.retry_after or 0.0, MIN_DEFERRAL)
+        delay = wait + max(1.0, wait * DEFERRAL_SPREAD) * rand()
+        sender.send(queue, [rescheduled_copy(message, delay, deferred=True)])
+        settler.complete(message)
+        result = Settled(stage, SettleAction.RESCHEDULED, message, outcome, reason=outcome.description, delay=delay)
     elif isinstance(outcome, Retry):
         attempt = attempt_of(message)
         decision = next_retry(attempt, outcome.retry_after, rand=rand, schedule=schedule)
@@ -86,14 +101,16 @@ def settle(
             reason = DeadLetterReason.RETRIES_EXHAUSTED
             description = f"gave up after {attempt} attempts; last error: {outcome.description}"
             settler.dead_letter(message, reason, description[:MAX_DESCRIPTION])
-            result = Settled(stage, "dead-lettered", message, outcome, reason=reason)
+            result = Settled(stage, SettleAction.DEAD_LETTERED, message, outcome, reason=reason)
         else:
             sender.send(queue, [rescheduled_copy(message, decision.delay)])
             settler.complete(message)
-            result = Settled(stage, "rescheduled", message, outcome, reason=outcome.description, delay=decision.delay)
+            result = Settled(
+                stage, SettleAction.RESCHEDULED, message, outcome, reason=outcome.description, delay=decision.delay
+            )
     elif isinstance(outcome, Reject):
         settler.dead_letter(message, outcome.reason, outcome.description[:MAX_DESCRIPTION])
-        result = Settled(stage, "dead-lettered", message, outcome, reason=outcome.reason)
+        result = Settled(stage, SettleAction.DEAD_LETTERED, message, outcome, reason=outcome.reason)
     else:  # pragma: no cover - the Outcome union is closed
         raise TypeError(f"unknown outcome {outcome!r}")
     log_settlement(result, started)
@@ -110,7 +127,7 @@ def log_settlement(result: Settled, started: float | None) -> None:
     """
     props = result.message.application_properties
     latency_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else -1.0
-    level = logging.WARNING if result.action == "dead-lettered" else logging.INFO
+    level = logging.WARNING if result.action is SettleAction.DEAD_LETTERED else logging.INFO
     fields = {
         "stage": result.stage,
         "outcome": result.action,

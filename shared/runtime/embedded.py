@@ -4,14 +4,14 @@ Each :class:`StageWorker` pulls from its queue into per-publisher backlogs and r
 thread pool, with at most ``publisher_concurrency`` messages of one publisher in flight (below
 Dataverse's 52 concurrent requests per user). A publisher whose CRM hangs or throttles therefore
 occupies at most its own slots: other publishers' messages are received and dispatched around it
-(no head-of-line blocking). When one publisher's backlog is full, further messages of it are deferred
-through the normal retry schedule (a rescheduled copy), so a flood from one publisher cannot fill
-the worker either.
+(no head-of-line blocking). When a stuck publisher's backlog is full, further messages of it are
+deferred (held by a penalty: a copy scheduled for when it ends, spending no retry attempt; a CRM that
+hangs: through the retry schedule), so a flood from one publisher cannot fill the worker either.
 
 The write stage takes a publisher's whole backlog (up to the ``LEADWRITER_MAX_BATCH`` setting) as one
 ``$batch`` when there is one: single requests at low volume, batches under load.
 
-CRM requests are paced per CRM user (shared/crm/pacing.py). When the pacer or a 429 penalty says "not
+CRM requests are paced per CRM user (:mod:`shared.crm.pacing`). When the pacer or a 429 penalty says "not
 yet", the stage returns a ``Retry(not_sent=True)``: nothing reached the CRM, so the messages go back to
 the front of their publisher's backlog and that publisher is not dispatched again until the wait is
 (nearly) over. Waiting in the backlog rather than rescheduling is deliberate: a rescheduled copy
@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from shared.crm.pacing import Pacer
 from shared.names import PROP_PUBLISHER_ID
+from shared.pipeline.outcomes import Outcome, Retry, Stage
+from shared.pipeline.pipeline import Pipeline
 from shared.pipeline.settle import Observer, settle
-from shared.pipeline.stages import STAGES, Outcome, Pipeline, Retry
 from shared.transport.base import LockLost, ReceivedMessage, Transport
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class StageWorker:
 
     def __init__(
         self,
-        stage: str,
+        stage: Stage | str,
         transport: Transport,
         pipeline: Pipeline,
         *,
@@ -77,8 +77,8 @@ class StageWorker:
         publisher_concurrency: int = 8,
         observer: Observer | None = None,
     ) -> None:
-        self.stage = stage
-        self.queue = STAGES[stage]
+        self.stage = Stage(stage)
+        self.queue = self.stage.queue
         self.transport = transport
         self.pipeline = pipeline
         self.concurrency = concurrency
@@ -86,10 +86,10 @@ class StageWorker:
         #: Messages held (backlog + in flight) at most; a publisher beyond its share is deferred only
         #: while it is stuck (see _receive).
         self.max_batch = pipeline.settings.max_batch
-        self.capacity = max(concurrency * 8, self.max_batch * 2 if stage == "write_lead" else 0)
+        self.capacity = max(concurrency * 8, self.max_batch * 2 if self.stage is Stage.WRITE_LEAD else 0)
         self.publisher_capacity = max(self.capacity // 2, self.publisher_concurrency)
         self.observer = observer
-        self.batching = stage == "write_lead"
+        self.batching = self.stage is Stage.WRITE_LEAD
         self._publishers: dict[str, _PublisherState] = {}
         self._held = 0
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
@@ -162,7 +162,10 @@ class StageWorker:
                 state.backlog.append((message, now))
                 self._held += 1
         for message, retry_after in deferred:
-            self._run_outcome(message, Retry("publisher backlog full: deferred", retry_after), now)
+            # Held by a penalty or pacing: put off until the wait ends, no attempt spent. A CRM that
+            # hangs or fails is another matter: that overflow follows the retry schedule.
+            outcome = Retry("publisher backlog full: deferred", retry_after, not_sent=retry_after is not None)
+            self._run_outcome(message, outcome, now)
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -277,11 +280,10 @@ class EmbeddedRuntime:
         concurrency: int = 16,
         publisher_concurrency: int = 8,
         observer: Observer | None = None,
-        stages: tuple[str, ...] = tuple(STAGES),
-        pacer: Pacer | None = None,
+        stages: tuple[Stage | str, ...] = tuple(Stage),
     ) -> None:
-        # The runtime's backlogs are where a paced message waits, so pacing is on wherever they are.
-        self.pacer = pipeline.enable_pacing(pacer)
+        # A paced message waits in its worker's backlog (the pipeline's pacer says how long).
+        self.pacer = pipeline.pacer
         self.workers = [
             StageWorker(
                 stage,

@@ -31,12 +31,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.errors import ConfigurationError
+from shared.names import SECRET_KEY_FILE, SECRETS_FILE
 from shared.secretstore.base import CONTENT_TYPE, validate_secret_name
 
 logger = logging.getLogger(__name__)
 
-KEY_FILE_NAME = "secret.key"
-DB_FILE_NAME = "secrets.db"
+KEY_FILE_NAME = SECRET_KEY_FILE
+DB_FILE_NAME = SECRETS_FILE
 _KEY_BYTES = 32
 _NONCE_BYTES = 12
 #: First byte of every sealed value, so a future format (or key rotation) can tell records apart.

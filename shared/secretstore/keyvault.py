@@ -33,6 +33,7 @@ from azure.core.exceptions import (
 from azure.keyvault.secrets import SecretClient
 
 from shared.errors import ConfigurationError, SecretStoreUnavailable
+from shared.http import retry_after_seconds
 from shared.secretstore.base import CONTENT_TYPE, validate_secret_name
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,7 @@ def _unavailable(action: str, name: str, exc: AzureError) -> SecretStoreUnavaila
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None) or {}
     request_id = headers.get("x-ms-request-id")
-    retry_after: float | None = None
-    try:
-        retry_after = float(headers["Retry-After"]) if "Retry-After" in headers else None
-    except ValueError:
-        retry_after = None
+    retry_after = retry_after_seconds(headers, default=None)
     if status in (401, 403):
         detail = "Key Vault refused access (check the identity's Key Vault role assignment)"
     elif status is None:

@@ -41,8 +41,9 @@ from shared.crm.connection import ClientSecretAuth, Connection
 from shared.names import PROP_LEAD_ID, PROP_PUBLISHER_ID, QUEUE_INCOMING
 from shared.pipeline.lead import lead_record_id, parse_incoming, to_dataverse_columns
 from shared.pipeline.messages import envelope
+from shared.pipeline.outcomes import SettleAction, Stage
 from shared.pipeline.settle import Settled
-from shared.pipeline.stages import MAX_BATCH
+from shared.pipeline.write_lead import MAX_BATCH
 from shared.runtime.embedded import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import DEFAULT_SOLUTION_NAME, Settings
@@ -276,7 +277,7 @@ def run_lead_writer(
 
     def observe(settled: Settled) -> None:
         nonlocal awaited_done
-        if settled.stage == "write_lead" and settled.action == "delivered":
+        if settled.stage is Stage.WRITE_LEAD and settled.action is SettleAction.DELIVERED:
             props = settled.message.application_properties
             lead_id = str(props.get(PROP_LEAD_ID))
             publisher = str(props.get(PROP_PUBLISHER_ID))

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.errors import ConfigurationError, DeadLetterReason
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.names import QUEUE_INCOMING, STAGE_QUEUES, STATUS_FILE
 from shared.ops.deadletters import (
     UNKNOWN_REASON,
     DeadLetterFilter,
@@ -457,7 +457,6 @@ def deadletters_purge(
 
 
 #: The status book's file in the data dir (shared.services builds it there).
-STATUS_FILE = "status.db"
 
 
 @app.command()

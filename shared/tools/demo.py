@@ -37,7 +37,7 @@ from shared.simulator import CrmSimulator
 
 console = Console()
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "leads.jsonl"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "leads.jsonl"
 DEMO_DIR = Path(".leadwriter") / "demo"
 
 
@@ -157,7 +157,7 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
 
     started = time.monotonic()
     runtime = EmbeddedRuntime(
-        services.transport, services.pipeline, concurrency=8, publisher_concurrency=4, observer=services.status.observe
+        services.transport, services.pipeline, concurrency=8, publisher_concurrency=4, observer=services.observe
     ).start()
     try:
 

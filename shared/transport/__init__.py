@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shared.names import BROKER_FILE
 from shared.settings import Settings
 from shared.transport.base import (
     LockLost,
@@ -34,8 +35,6 @@ __all__ = [
     "make_transport",
 ]
 
-#: File name of the embedded broker's database inside the data dir.
-BROKER_FILE = "broker.db"
 
 
 def __getattr__(name: str) -> object:
@@ -52,19 +51,15 @@ def make_transport(settings: Settings) -> Transport:
     ``embedded``: an :class:`EmbeddedBroker` on ``<data_dir>/broker.db`` (the directory is created).
     ``servicebus``: a :class:`ServiceBusTransport` on ``settings.servicebus_namespace`` with
     ``DefaultAzureCredential`` (managed identity in Azure). Raises ConfigurationError when the
-    namespace is missing, OSError when the data dir cannot be created.
+    namespace is missing (from Settings), OSError when the data dir cannot be created.
     """
     if settings.queue_backend == "servicebus":
         from azure.identity import DefaultAzureCredential
 
-        from shared.errors import ConfigurationError
         from shared.transport.servicebus import ServiceBusTransport
 
-        if not settings.servicebus_namespace:
-            raise ConfigurationError(
-                "setting ServiceBusConnection__fullyQualifiedNamespace is required "
-                "when LEADWRITER_QUEUE_BACKEND=servicebus"
-            )
+        # Settings refuse a servicebus backend without a namespace (the one place that checks it).
+        assert settings.servicebus_namespace is not None
         return ServiceBusTransport(settings.servicebus_namespace, DefaultAzureCredential())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return EmbeddedBroker(

@@ -1,0 +1,84 @@
+"""Stage 3, ``write_lead`` (queue ``leads-ready``): map the lead onto Dataverse ``lead`` columns and
+write it idempotently (record id = UUIDv5 of publisherId/leadId, ``If-None-Match: *``). Several
+messages of one publisher go as one ``$batch``, each lead in its own part."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from shared.crm import LeadWrite, WriteResult
+from shared.errors import InvalidLead, LeadWriterError
+from shared.pipeline.lead import LeadMessage, lead_record_id, to_dataverse_columns
+from shared.pipeline.outcomes import Delivered, Outcome, Retry, outcome_for_error
+from shared.transport.base import ReceivedMessage
+
+if TYPE_CHECKING:
+    from shared.pipeline.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+#: Default leads per $batch request (Dataverse allows 1000; smaller batches keep one slow batch short).
+#: The setting LEADWRITER_MAX_BATCH (Settings.max_batch) overrides it; 1 disables batching.
+MAX_BATCH = 100
+
+
+def lead_write(lead: LeadMessage) -> LeadWrite:
+    """The one way a lead becomes a CRM write: its deterministic record id and its columns."""
+    return LeadWrite(lead_record_id(lead.publisher_id, lead.lead_id), to_dataverse_columns(lead))
+
+
+def run(pipeline: Pipeline, message: ReceivedMessage, fresh: bool) -> Outcome:
+    """Raises InvalidLead, CredentialsMissing, LeadRejected, PermissionDenied, RetryLater."""
+    lead = pipeline.lead(message, incoming=False)
+    connection = pipeline.connection(lead.publisher_id, fresh=fresh)
+    result = pipeline.client(connection).create_lead(lead_write(lead))
+    return Delivered(result.record_id, result.created)
+
+
+def run_many(pipeline: Pipeline, messages: Sequence[ReceivedMessage]) -> list[Outcome]:
+    """The write stage for several messages: one ``$batch`` per publisher where there are several.
+
+    Never raises; the outcomes are in the order of ``messages``.
+    """
+    outcomes: list[Outcome | None] = [None] * len(messages)
+    by_publisher: dict[str, list[tuple[int, LeadMessage]]] = {}
+    for index, message in enumerate(messages):
+        try:
+            lead = pipeline.lead(message, incoming=False)
+        except InvalidLead as exc:
+            outcomes[index] = outcome_for_error(exc)
+            continue
+        by_publisher.setdefault(lead.publisher_id, []).append((index, lead))
+    for group in by_publisher.values():
+        if len(group) == 1:
+            index, _ = group[0]
+            outcomes[index] = pipeline.handle("write_lead", messages[index])
+            continue
+        size = pipeline.settings.max_batch
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            for (index, _), outcome in zip(chunk, _write_batch(pipeline, [lead for _, lead in chunk]), strict=True):
+                outcomes[index] = outcome
+    return [o if o is not None else Retry("internal error: no outcome") for o in outcomes]
+
+
+def _write_batch(pipeline: Pipeline, leads: list[LeadMessage]) -> list[Outcome]:
+    def attempt(fresh: bool) -> list[Outcome]:
+        connection = pipeline.connection(leads[0].publisher_id, fresh=fresh)
+        results = pipeline.client(connection).create_leads([lead_write(lead) for lead in leads])
+        return [_result_outcome(result) for result in results]
+
+    try:
+        return pipeline.with_fresh_retry(attempt)
+    except Exception as exc:
+        if not isinstance(exc, LeadWriterError):
+            logger.exception("unexpected error writing a batch of %d leads", len(leads))
+        return [outcome_for_error(exc)] * len(leads)
+
+
+def _result_outcome(result: WriteResult) -> Outcome:
+    if result.error is not None:
+        return outcome_for_error(result.error)
+    return Delivered(result.record_id, result.created)

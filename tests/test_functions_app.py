@@ -166,3 +166,96 @@ def test_the_write_trigger_sends_a_batch_of_one_publisher_as_one_crm_request(
     assert len(simulator.leads(publisher)) == 5
     log = simulator.requests(publisher)
     assert (log.batches, log.lead_writes) == (1, 0)
+
+
+def _ready_messages(publisher: str, count: int, *, locked_for: float = 300.0) -> list[Any]:
+    from datetime import UTC, datetime, timedelta
+
+    from shared.pipeline.lead import parse_incoming
+
+    messages = []
+    for n in range(count):
+        lead_id = f"{publisher}-{n:05d}"
+        messages.append(
+            sdk_message(
+                None,
+                message_id=lead_id,
+                body=parse_incoming(json.dumps(lead_message(publisher, n)).encode()).to_body(),
+                properties={"publisherId": publisher, "leadId": lead_id, "attempt": 1},
+                locked_until=datetime.now(UTC) + timedelta(seconds=locked_for),
+            )
+        )
+    return messages
+
+
+def test_the_batched_write_trigger_feeds_the_status_book_and_the_metrics(functions_host: Harness) -> None:
+    publisher = functions_host.publisher()
+    actions = RecordingActions(functions_host)
+
+    _trigger("write_lead")(_ready_messages(publisher, 4), actions)
+
+    assert functions_host.services.status.get(publisher).delivered == 4
+    assert functions_host.services.metrics.snapshot().delivered == {"write_lead": 4}
+
+
+def test_a_write_batch_that_outlives_its_lock_renews_it_and_settles_without_redelivery(
+    functions_host: Harness, simulator: CrmSimulator
+) -> None:
+    publisher = functions_host.publisher()
+    simulator.faults(publisher).latency = 1.5  # the $batch takes longer than the 0.8 s of lock left
+    renewed: list[str] = []
+
+    class RenewingActions(RecordingActions):
+        def renew_message_lock(self, message: Any) -> None:
+            renewed.append(message.message_id)
+
+    actions = RenewingActions(functions_host)
+
+    _trigger("write_lead")(_ready_messages(publisher, 3, locked_for=0.8), actions)
+
+    assert [a for a, _ in actions.calls] == ["complete"] * 3
+    assert set(renewed) == {f"{publisher}-{n:05d}" for n in range(3)}, "every lock was renewed during the call"
+    assert len(simulator.leads(publisher)) == 3
+
+
+def test_a_connection_stored_through_the_http_function_is_what_this_workers_stages_use(
+    functions_host: Harness, simulator: CrmSimulator
+) -> None:
+    import functions.http
+    from shared.crm.connection import ClientSecretAuth, Connection
+
+    publisher = functions_host.publisher()
+    services = functions_host.services
+    old = services.pipeline.connection(publisher)  # cached by a stage
+    client_id, secret = "9d9c0f56-4b41-4f0b-9b7e-3f0a2c0b1c11", "rotated-secret-value-123"
+    simulator.add_app(publisher, client_id, secret)
+    rotated = Connection(
+        url=old.url,
+        auth=ClientSecretAuth(tenantId=old.auth.tenant_id, clientId=client_id, clientSecret=secret),  # type: ignore[union-attr]
+    )
+    functions.http.api_app.cache_clear()
+    try:
+        app = functions.http.api_app()
+        assert app.state.services is services, "the HTTP function and the triggers share one set of services"
+        key = services.api_keys.issue(publisher)
+        from fastapi.testclient import TestClient
+
+        with TestClient(app) as client:
+            answer = client.put(
+                f"/api/publishers/{publisher}/connection",
+                json={
+                    "url": rotated.url,
+                    "auth": {
+                        "kind": "clientSecret",
+                        "tenantId": old.auth.tenant_id,
+                        "clientId": client_id,  # type: ignore[union-attr]
+                        "clientSecret": secret,
+                    },
+                },
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert answer.status_code == 200, answer.text
+    finally:
+        functions.http.api_app.cache_clear()
+
+    assert services.pipeline.connection(publisher).fingerprint() == rotated.fingerprint()

@@ -39,7 +39,7 @@ from enum import StrEnum
 
 
 class DeadLetterReason(StrEnum):
-    """Dead-letter reasons (DESIGN §5, stable)."""
+    """Dead-letter reasons (architecture §5, stable)."""
 
     INVALID_LEAD = "InvalidLead"
     CREDENTIALS_MISSING = "CredentialsMissing"

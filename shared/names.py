@@ -16,7 +16,7 @@ STAGE_QUEUES: tuple[str, ...] = (QUEUE_INCOMING, QUEUE_VALIDATED, QUEUE_READY)
 #: ``ServiceBusConnection__fullyQualifiedNamespace``).
 SERVICEBUS_CONNECTION = "ServiceBusConnection"
 
-#: Application properties carried on every hop (DESIGN §3).
+#: Application properties carried on every hop (architecture §3).
 PROP_PUBLISHER_ID = "publisherId"
 PROP_LEAD_ID = "leadId"
 PROP_ATTEMPT = "attempt"

@@ -1,4 +1,4 @@
-"""Settings (DESIGN §8): read once from the environment into one frozen, typed object.
+"""Settings (architecture §8): read once from the environment into one frozen, typed object.
 
 A missing or invalid value raises :class:`~shared.errors.ConfigurationError` naming the variable,
 so a bad deployment fails at start rather than on the first lead.
@@ -63,7 +63,7 @@ class Settings(BaseModel):
     max_batch: Annotated[int, Field(ge=1, le=1000)] = Field(default=100, alias="LEADWRITER_MAX_BATCH")
     crm_connect_timeout: Annotated[float, Field(gt=0)] = Field(default=5.0, alias="LEADWRITER_CRM_CONNECT_TIMEOUT")
     crm_read_timeout: Annotated[float, Field(gt=0)] = Field(default=30.0, alias="LEADWRITER_CRM_READ_TIMEOUT")
-    #: Seconds between attempts of a transiently failing message (DESIGN §5 backoff); see shared/pipeline/retry.py.
+    #: Seconds between attempts of a transiently failing message; see shared/pipeline/retry.py.
     retry_schedule: tuple[float, ...] = Field(default=(), alias="LEADWRITER_RETRY_SCHEDULE")
     #: Embedded broker: how long a received message stays locked, and deliveries before MaxDeliveryCountExceeded.
     lock_duration: Annotated[float, Field(gt=0, le=300)] = Field(default=60.0, alias="LEADWRITER_LOCK_DURATION")

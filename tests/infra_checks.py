@@ -706,7 +706,7 @@ def check_function_app(deployment: Deployment) -> list[str]:
 
 
 def check_app_settings(deployment: Deployment) -> list[str]:
-    """Every stable setting of DESIGN §8 wired for Azure; LEADWRITER_* names are Settings aliases."""
+    """Every stable setting of architecture §8 wired for Azure; LEADWRITER_* names are Settings aliases."""
     try:
         settings = bicep_app_settings(deployment)
     except LookupError as exc:
@@ -757,7 +757,7 @@ def check_app_settings(deployment: Deployment) -> list[str]:
 
 
 def _queue_access_needed() -> dict[str, set[str]]:
-    """Queue → roles the app identity needs, from the pipeline (DESIGN §2, §5, §6)."""
+    """Queue → roles the app identity needs, from the pipeline (architecture §2, §5, §6)."""
     needed: dict[str, set[str]] = {queue: set() for queue in names.STAGE_QUEUES}
     needed[names.QUEUE_INCOMING].add(SB_DATA_SENDER)  # HTTP ingest
     for position, queue in enumerate(names.STAGE_QUEUES):

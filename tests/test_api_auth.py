@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §6), over a real socket: 401 for no key or an invalid one, 403 for a
+"""Who may call what (architecture §6), over a real socket: 401 for no key or an invalid one, 403 for a
 valid key outside its scope, and nothing read or changed in either case."""
 
 from __future__ import annotations

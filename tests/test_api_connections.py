@@ -1,5 +1,5 @@
 """Connections through the API against the CRM simulator over real sockets: verified live before they
-are stored, refused with the DESIGN §5 reason and nothing stored, re-tested, removed, and a verified
+are stored, refused with the architecture §5 reason and nothing stored, re-tested, removed, and a verified
 update replays the publisher's configuration dead letters until they are delivered exactly once."""
 
 from __future__ import annotations

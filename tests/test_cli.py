@@ -1,4 +1,4 @@
-"""The ``leadwriter`` command line, run as the real entry point in a subprocess (DESIGN §7, issue 5).
+"""The ``leadwriter`` command line, run as the real entry point in a subprocess (architecture §7).
 
 Each test points ``LEADWRITER_DATA_DIR`` at ``tmp_path`` (embedded broker), seeds dead letters through
 the same transport the CLI builds (send, receive, dead-letter: the broker's own path to a dead letter),

@@ -1,4 +1,4 @@
-"""The lead model: parsing `leads-incoming` messages (DESIGN §3) and the Dataverse mapping (DESIGN §4)."""
+"""The lead model: parsing `leads-incoming` messages (architecture §3) and the Dataverse mapping (architecture §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings (DESIGN §8): read once into a frozen object; a bad value fails at start, naming its variable."""
+"""Settings (architecture §8): read once into a frozen object; a bad value fails at start, naming its variable."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ API = "/api/data/v9.2/"
 SOLUTION = "MicrosoftMarketplacesLeadIntegrationSolution"
 TIMEOUT = 10.0
 
-# The password grant is deprecated upstream; it is still what publishers' service accounts use (DESIGN §4).
+# The password grant is deprecated upstream; it is still what publishers' service accounts use (architecture §4).
 pytestmark = [
     pytest.mark.filterwarnings("ignore:UsernamePasswordCredential is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings(

@@ -1,4 +1,4 @@
-"""Observability (issue 5 item 5): settlement counters, the settlement log line, Application Insights.
+"""Observability : settlement counters, the settlement log line, Application Insights.
 
 Settlements are real: messages go through the embedded broker and :func:`shared.pipeline.settle.settle` turns
 real stage outcomes into broker actions and :class:`~shared.pipeline.settle.Settled` records. OpenTelemetry is

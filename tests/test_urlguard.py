@@ -1,4 +1,4 @@
-"""The CRM URL guard (DESIGN §4): only Dynamics hosts, https, port 443, nothing an SSRF could ride on."""
+"""The CRM URL guard (architecture §4): only Dynamics hosts, https, port 443, nothing an SSRF could ride on."""
 
 from __future__ import annotations
 

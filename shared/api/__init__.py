@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN §6): :func:`create_app` builds it from :class:`~shared.services.Services`."""
+"""The HTTP API (architecture §6): :func:`create_app` builds it from :class:`~shared.services.Services`."""
 
 from shared.api.app import create_app
 

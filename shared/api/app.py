@@ -1,4 +1,4 @@
-"""The FastAPI application of DESIGN §6, built from :class:`~shared.services.Services`.
+"""The FastAPI application of architecture §6, built from :class:`~shared.services.Services`.
 
 The same app object serves ``leadwriter serve`` (uvicorn on ``127.0.0.1:7071``) and Azure Functions
 (:mod:`functions.http`, through the ASGI integration).

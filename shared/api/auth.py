@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §6): the admin key, publisher keys, and the scope of each.
+"""Who may call what (architecture §6): the admin key, publisher keys, and the scope of each.
 
 - No key, or a string that is not a valid key at all → **401** with ``WWW-Authenticate: Bearer``.
 - A valid key outside its scope (publisher A's key on publisher B, a publisher key on an admin
@@ -82,7 +82,7 @@ def bearer_key(request: Request) -> str | None:
 def _is_admin_key(services: Services, key: str) -> bool:
     admin = services.settings.admin_key
     if admin is None or not admin.get_secret_value():
-        # Without LEADWRITER_ADMIN_KEY nothing is the admin key (DESIGN §8).
+        # Without LEADWRITER_ADMIN_KEY nothing is the admin key (architecture §8).
         return False
     return hmac.compare_digest(key.encode("utf-8"), admin.get_secret_value().encode("utf-8"))
 

@@ -1,5 +1,5 @@
 """How errors become answers: one JSON shape, ``{"error": "…", "field": "…"}``, and the status that
-says what the caller can do (DESIGN §6: 422 names the field, never a 500 for bad input).
+says what the caller can do (architecture §6: 422 names the field, never a 500 for bad input).
 
 Messages are composed from our own text and the location of a validation error only: pydantic's
 ``input`` (which may be a password) is never echoed.

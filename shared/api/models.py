@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN §6): pydantic models, camelCase JSON.
+"""Request and response bodies of the HTTP API (architecture §6): pydantic models, camelCase JSON.
 
 Shapes that other modules own (a redacted connection, a dead letter, a replay plan entry) are kept as
 JSON objects here and described by their docstrings, so there is one definition of each.
@@ -27,7 +27,7 @@ class ErrorAnswer(ApiModel):
 
     error: str
     field: str | None = None
-    reason: str | None = Field(default=None, description="the DESIGN §5 reason, for verification failures")
+    reason: str | None = Field(default=None, description="the dead-letter reason, for verification failures")
     message: str | None = None
     verification: dict[str, Any] | None = None
     retry_after: int | None = None
@@ -186,5 +186,5 @@ class FailingPublisher(ApiModel):
 class StatsAnswer(ApiModel):
     queues: list[QueueStatsAnswer]
     publishers_failing: list[FailingPublisher] = Field(
-        description="publishers whose leads keep failing for configuration reasons (DESIGN §5)"
+        description="publishers whose leads keep failing for configuration reasons"
     )

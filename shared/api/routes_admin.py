@@ -1,4 +1,4 @@
-"""Admin routes (DESIGN §6): publisher keys, dead letters (peek, replay, purge) and queue stats.
+"""Admin routes (architecture §6): publisher keys, dead letters (peek, replay, purge) and queue stats.
 
 All of them need the admin key (``LEADWRITER_ADMIN_KEY``); without that setting they refuse everyone.
 """
@@ -100,7 +100,7 @@ def get_dead_letters(
     _admin: AdminAccess,
     services: ServicesDep,
     queue: Annotated[str | None, Query(max_length=200, description=f"one of {', '.join(STAGE_QUEUES)}")] = None,
-    reason: Annotated[str | None, Query(max_length=200, description="a DESIGN §5 reason, or Unknown")] = None,
+    reason: Annotated[str | None, Query(max_length=200, description="a dead-letter reason, or Unknown")] = None,
     publisher_id: Annotated[str | None, Query(alias="publisherId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
 ) -> DeadLettersAnswer | JSONResponse:

@@ -1,4 +1,4 @@
-"""Publisher routes (DESIGN §6): the connection, its live test, delivery status, and lead ingest.
+"""Publisher routes (architecture §6): the connection, its live test, delivery status, and lead ingest.
 
 Every route takes the admin key or the key of the publisher in the path (:mod:`shared.api.auth`);
 ingest also takes the publisher key as ``?key=``.
@@ -336,7 +336,7 @@ def ingest_lead(
     services: ServicesDep,
     key: Annotated[str | None, Query(description="the publisher key, for callers that can only be given a URL")] = None,
 ) -> IngestAnswer | JSONResponse:
-    """Wrap the lead in a DESIGN §3 message and enqueue it on ``leads-incoming``.
+    """Wrap the lead in a architecture §3 message and enqueue it on ``leads-incoming``.
 
     A lead that :func:`~shared.pipeline.lead.parse_marketplace_lead` refuses is answered 422 at once, naming
     the field, rather than queued to be dead-lettered ``InvalidLead``: an HTTP caller can act on the

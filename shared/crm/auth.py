@@ -1,4 +1,4 @@
-"""Tokens for a publisher's CRM (DESIGN §4): azure-identity credentials, cached per connection.
+"""Tokens for a publisher's CRM (architecture §4): azure-identity credentials, cached per connection.
 
 The authority host always comes from settings (``AZURE_AUTHORITY_HOST``), never from the CRM: the CRM
 URL is the publisher's input, and a bearer challenge naming another host would otherwise receive the

@@ -1,7 +1,7 @@
 """OData ``$batch`` bodies (``multipart/mixed``): build a request, parse a response. Pure functions.
 
 Each operation goes in its own top-level part, never in a change set: a change set is atomic, so one
-lead that already exists (412) or is refused (400) would roll back every other lead in it (DESIGN §4).
+lead that already exists (412) or is refused (400) would roll back every other lead in it (architecture §4).
 Responses are read in order; a change-set response nested in the batch is flattened in place.
 """
 

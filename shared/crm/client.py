@@ -1,4 +1,4 @@
-"""The Dataverse Web API client (DESIGN §4): WhoAmI, the solution check, and idempotent lead writes.
+"""The Dataverse Web API client (architecture §4): WhoAmI, the solution check, and idempotent lead writes.
 
 Every request: the URL guard has passed, the CRM user's penalty and pacing are consulted first (nothing
 is sent inside a penalty; the pacer records every 429 in the one penalty record), redirects are never

@@ -1,4 +1,4 @@
-"""A publisher's CRM connection: the instance URL and the credentials (DESIGN §6 connection body).
+"""A publisher's CRM connection: the instance URL and the credentials (architecture §6 connection body).
 
 Secrets are :class:`pydantic.SecretStr` so that ``repr``/``str``/logging never reveal them;
 :meth:`Connection.redacted` is the only shape that leaves the process (API answers, logs).

@@ -101,7 +101,7 @@ def odata_error(body: bytes | str | None) -> tuple[str | None, str | None]:
 def is_already_there(status: int, body: bytes | str | None) -> bool:
     """True when a create answered that the record exists (412, or the duplicate-key error).
 
-    That means the lead was delivered before: success, not an error (DESIGN §4).
+    That means the lead was delivered before: success, not an error (architecture §4).
     """
     if status == 412:
         return True

@@ -1,4 +1,4 @@
-"""Client-side pacing per CRM user (DESIGN §4, issue 6): as fast as the CRM allows, and no faster.
+"""Client-side pacing per CRM user (architecture §10): as fast as the CRM allows, and no faster.
 
 Dataverse limits each user (the client's ``throttle_key``) to a number of requests per sliding window,
 an execution-time budget and 52 concurrent requests; over a limit it answers 429 with ``Retry-After``,

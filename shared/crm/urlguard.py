@@ -1,4 +1,4 @@
-"""The CRM URL guard (DESIGN §4): the CRM URL is the publisher's input, so it must never point us at
+"""The CRM URL guard (architecture §4): the CRM URL is the publisher's input, so it must never point us at
 anything but a Dynamics 365 / Dataverse host.
 
 The URL is parsed by hand, strictly, instead of trusting ``urllib.parse``: lenient parsers disagree on

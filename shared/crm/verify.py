@@ -1,4 +1,4 @@
-"""Live verification of a publisher's CRM connection (DESIGN §6 ``PUT …/connection``, ``…/connection/test``).
+"""Live verification of a publisher's CRM connection (architecture §6 ``PUT …/connection``, ``…/connection/test``).
 
 A connection is good when every step a lead will need passes, checked live against the CRM and
 Entra ID, in the order a publisher fixes them:
@@ -8,7 +8,7 @@ Entra ID, in the order a publisher fixes them:
 3. ``solution`` — the Lead Writer solution is installed, at the minimum version or later;
 4. ``createLeads`` — the principal may create leads (the Lead Writer role is assigned).
 
-Permanent failures become a failed :class:`~shared.crm.connection.Verification` carrying the DESIGN §5
+Permanent failures become a failed :class:`~shared.crm.connection.Verification` carrying the architecture §5
 reason and a message the publisher can act on; transient ones (authority or CRM unavailable,
 throttled) are raised as :class:`~shared.errors.RetryLater`, because they say nothing about the
 connection. Nothing here stores anything: the caller decides.
@@ -79,7 +79,7 @@ def verify_connection(
     """Check ``connection`` live: token, WhoAmI, solution and version, permission to create leads.
 
     The token is always requested afresh (a cached one would not prove the credentials still work).
-    Returns a report whose verification is ``ok`` or names the DESIGN §5 reason of the first failed
+    Returns a report whose verification is ``ok`` or names the architecture §5 reason of the first failed
     step with an actionable message.
 
     Raises:

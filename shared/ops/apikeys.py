@@ -1,4 +1,4 @@
-"""Publisher API keys (DESIGN §6): issued once, stored only as salted hashes, compared in constant time.
+"""Publisher API keys (architecture §6): issued once, stored only as salted hashes, compared in constant time.
 
 A key reads ``lw_<publisher>_<key id>_<secret>``: ``<publisher>`` is the publisher's secret-name
 suffix (``secret_name_for(publisher_id, prefix="key-")`` without the prefix), so :meth:`verify` finds

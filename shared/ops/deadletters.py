@@ -1,4 +1,4 @@
-"""The dead-letter core: list, group, plan and replay safely, purge (DESIGN §5, §6).
+"""The dead-letter core: list, group, plan and replay safely, purge (architecture §5, §6).
 
 Pure where it can be: filters, item shapes, replay copies and plans are plain functions of messages;
 only :func:`list_dead_letters`, :func:`plan_replay`, :func:`replay` and :func:`purge` talk to a
@@ -211,7 +211,7 @@ class DeadLetterFilter:
 
 
 def configuration_filter(publisher_id: str) -> DeadLetterFilter:
-    """The dead letters replayed automatically once ``publisher_id``'s connection is verified (DESIGN §5)."""
+    """The dead letters replayed automatically once ``publisher_id``'s connection is verified (architecture §5)."""
     return DeadLetterFilter(reasons=frozenset(CONFIGURATION_REASONS), publisher_id=publisher_id)
 
 
@@ -221,7 +221,7 @@ def _iso(value: datetime) -> str:
 
 @dataclass(frozen=True)
 class DeadLetterItem:
-    """One dead letter as the API shows it (DESIGN §6)."""
+    """One dead letter as the API shows it (architecture §6)."""
 
     message_id: str
     lead_id: str | None
@@ -252,7 +252,7 @@ class DeadLetterItem:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The DESIGN §6 object: camelCase keys, ISO 8601 UTC time."""
+        """The architecture §6 object: camelCase keys, ISO 8601 UTC time."""
         return {
             "messageId": self.message_id,
             "leadId": self.lead_id,
@@ -441,7 +441,7 @@ class ReplayResult:
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """The API answer (DESIGN §6: ``matched``, ``replayed``; the rest is extra detail)."""
+        """The API answer (architecture §6: ``matched``, ``replayed``; the rest is extra detail)."""
         return {
             "matched": self.matched,
             "replayed": self.replayed,
@@ -461,7 +461,7 @@ class PurgeResult:
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The API answer (DESIGN §6)."""
+        """The API answer (architecture §6)."""
         return {"matched": self.matched, "purged": self.purged, "errors": list(self.errors)}
 
 
@@ -704,7 +704,7 @@ def _replay_batch(
     for message, why in failed:
         result.errors.append(f"{message.message_id} on {queue}: {why}; it stays dead-lettered")
         sweep.hold(message)
-    # Completing only now, after the copy was accepted, is what makes the replay safe (STYLE habit 7).
+    # Completing only now, after the copy was accepted, is what makes the replay safe (architecture §5).
     for message in sent:
         try:
             transport.complete(message)

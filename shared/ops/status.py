@@ -1,4 +1,4 @@
-"""Delivery status per publisher (DESIGN §6 status route): what a publisher needs to know its leads
+"""Delivery status per publisher (architecture §6 status route): what a publisher needs to know its leads
 are arriving, and what ops need to spot a publisher whose configuration keeps failing.
 
 Fed by the settlement observer of every stage worker; kept in SQLite in the data dir so the API

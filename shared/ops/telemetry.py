@@ -1,4 +1,4 @@
-"""Observability (DESIGN §5, issue 5): settlement counters, and export to Application Insights.
+"""Observability (architecture §5): settlement counters, and export to Application Insights.
 
 Three parts, each small:
 
@@ -119,7 +119,7 @@ class Metrics:
 
     def observe(self, settled: Settled) -> None:
         """Count one settlement. Raises nothing for an action it does not know (it is counted as is)."""
-        # Only a dead letter's reason is a closed set (DESIGN §5); a rescheduled one's "reason" is the
+        # Only a dead letter's reason is a closed set (architecture §5); a rescheduled one's "reason" is the
         # error text, which would make one time series per message if it became an attribute.
         reason = str(settled.reason or "Unknown") if settled.action == DEAD_LETTERED else None
         with self._lock:

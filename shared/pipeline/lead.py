@@ -1,4 +1,4 @@
-"""The marketplace lead, the message carried between stages, and its mapping to Dataverse (DESIGN §3, §4).
+"""The marketplace lead, the message carried between stages, and its mapping to Dataverse (architecture §3, §4).
 
 Parsing is lenient where the marketplace is inconsistent (key case, numbers for phone numbers, the two
 ``LeadSource`` formats, unknown action codes) and strict where a guess would write garbage into a
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 256 * 1024
 MAX_LEAD_ID_LENGTH: Final = 200
 
-#: Namespace of the Dataverse lead ids (DESIGN §4). Fixed forever: changing it would re-create every
+#: Namespace of the Dataverse lead ids (architecture §4). Fixed forever: changing it would re-create every
 #: lead that is replayed after the change instead of recognising it as delivered.
 LEAD_RECORD_NAMESPACE: Final = uuid.UUID("78b55ea8-4c6e-5598-84c8-a9b269e2d29a")
 
@@ -462,7 +462,7 @@ def parse_marketplace_lead(payload: Mapping[str, Any]) -> MarketplaceLead:
 def parse_incoming(
     body: bytes | bytearray | memoryview | str | Mapping[str, Any], *, message_id: str | None = None
 ) -> LeadMessage:
-    """Parse a ``leads-incoming`` message (DESIGN §3) into a :class:`LeadMessage`.
+    """Parse a ``leads-incoming`` message (architecture §3) into a :class:`LeadMessage`.
 
     ``message_id`` (the Service Bus message id) is the lead id when the body has no ``leadId``.
 
@@ -594,7 +594,7 @@ DO_NOT_CONTACT_COLUMNS: tuple[str, ...] = ("donotemail", "donotphone", "donotbul
 
 
 def to_dataverse_columns(message: LeadMessage, *, lead_source_code: int = 8) -> dict[str, Any]:
-    """The Dataverse ``lead`` columns for ``message`` (DESIGN §4), each within its maximum length.
+    """The Dataverse ``lead`` columns for ``message`` (architecture §4), each within its maximum length.
 
     Missing values are omitted; ``fullname`` (read-only) and ``leadid`` (the caller puts the id in the
     URL) are never set. ``lead_source_code`` is the ``leadsourcecode`` option value (8 = Web).

@@ -68,7 +68,7 @@ def envelope(
     scheduled_at: datetime | None = None,
     extra: Mapping[str, PropertyValue] | None = None,
 ) -> OutgoingMessage:
-    """Build a stage message with the application properties every hop carries (DESIGN §3)."""
+    """Build a stage message with the application properties every hop carries (architecture §3)."""
     props: dict[str, PropertyValue] = dict(extra or {})
     props.update({PROP_PUBLISHER_ID: publisher_id, PROP_LEAD_ID: lead_id, PROP_ATTEMPT: attempt})
     props.pop(PROP_DEFERRALS, None)

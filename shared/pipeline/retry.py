@@ -1,4 +1,4 @@
-"""The retry policy: when a transient failure is rescheduled, and when it gives up (DESIGN §5).
+"""The retry policy: when a transient failure is rescheduled, and when it gives up (architecture §5).
 
 A message that failed transiently is sent again as a scheduled copy (``attempt + 1``) after
 ``BACKOFF_SCHEDULE[attempt - 1]`` seconds (±10 % jitter, so a burst of failures does not return as a

@@ -1,4 +1,4 @@
-"""Turn a stage outcome into broker actions, in the one safe order (STYLE habit 7).
+"""Turn a stage outcome into broker actions, in the one safe order (architecture §5).
 
 The next message (forward, rescheduled copy) is sent **before** the current one is completed: if the
 process dies in between, the current message is redelivered and sent again with the same message id,

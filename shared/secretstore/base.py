@@ -1,4 +1,4 @@
-"""The secret port (STYLE habit 8) and what Lead Writer keeps in it.
+"""The secret port (architecture §2) and what Lead Writer keeps in it.
 
 Adapters are plain name → value stores (:mod:`shared.secretstore.embedded`, encrypted SQLite;
 :mod:`shared.secretstore.keyvault`, Azure Key Vault). :class:`ConnectionStore` maps publishers onto

@@ -1,4 +1,4 @@
-"""The local Dataverse + Entra ID simulator (DESIGN §9): real HTTPS, real status codes and bodies.
+"""The local Dataverse + Entra ID simulator (architecture §9): real HTTPS, real status codes and bodies.
 
 with CrmSimulator(data_dir) as sim:
     org = sim.add_org("contoso")

@@ -50,7 +50,7 @@ _PRIVILEGES = re.compile(
 )
 _FILTER_NAME = re.compile(r"uniquename\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 
-#: Privileges of the Lead Writer security role (DESIGN §1).
+#: Privileges of the Lead Writer security role (architecture §1).
 ROLE_PRIVILEGES = (
     "prvCreateLead",
     "prvReadLead",

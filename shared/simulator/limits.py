@@ -1,4 +1,4 @@
-"""Dataverse service protection limits, per user per org (DESIGN §4).
+"""Dataverse service protection limits, per user per org (architecture §4).
 
 Three limits over a sliding window: number of requests, combined execution time, and concurrent
 requests. Going over one answers 429 with ``Retry-After``; a request that arrives before the

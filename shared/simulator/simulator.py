@@ -51,7 +51,7 @@ def _netloc(host: str, port: int, default: int | None) -> str:
 
 
 class CrmSimulator:
-    """The local stand-in for Dynamics 365 / Dataverse and Entra ID (DESIGN §9).
+    """The local stand-in for Dynamics 365 / Dataverse and Entra ID (architecture §9).
 
     One HTTPS listener for the authority on ``host:authority_port`` (which also serves the admin API
     under ``/_simulator/``) and one per org on an ephemeral port. Orgs may be added before or after

@@ -20,7 +20,7 @@ SOLUTION_UNIQUE_NAME = "MicrosoftMarketplacesLeadIntegrationSolution"
 #: The default option-set values of ``lead.leadsourcecode`` (Advertisement … Other).
 DEFAULT_LEAD_SOURCE_CODES: frozenset[int] = frozenset(range(1, 11))
 #: Public client ids the token endpoint accepts for the password grant without registration:
-#: Microsoft's Dynamics sample app id (DESIGN §4) and the Azure CLI's (azure-identity's default).
+#: Microsoft's Dynamics sample app id (architecture §4) and the Azure CLI's (azure-identity's default).
 PUBLIC_CLIENT_IDS: frozenset[str] = frozenset(
     {"51f81489-12ee-4a9e-aaae-a2591f45987d", "04b07795-8ddb-461a-bbee-02f9e1bf7b46"}
 )

@@ -1,4 +1,4 @@
-"""``leadwriter bench`` (DESIGN §10): Lead Writer against a naive deliverer, in the same run.
+"""``leadwriter bench`` (architecture §10): Lead Writer against a naive deliverer, in the same run.
 
 The CRM simulator runs in a child process (so its CPU is not counted as ours); Lead Writer's three
 stage workers run in this process on the embedded broker and secret store. Reported, for N leads over
@@ -7,7 +7,7 @@ requests and secret-store reads per lead, CPU ms per lead of this process, peak 
 throughput for a naive deliverer (a fresh token, a solution check and a create per lead, one at a
 time), as a ratio. Figures are measured, never asserted: machines are shared and noisy.
 
-Scenarios (``leadwriter bench --scenario NAME``) set the run up for one target of issue 6 each and
+Scenarios (``leadwriter bench --scenario NAME``) set the run up for one performance target each and
 report that target's figure next to it (see BENCHMARKS.md): ``throughput`` (the default run),
 ``nobatch``, ``limits``, ``overhead``, ``isolation`` and ``memory``. Options given on the command line
 override the scenario's values. ``--json`` prints every figure, the scenario and the targets, so that
@@ -193,7 +193,7 @@ class RunFigures:
     scenario leaves a throttled one out). ``leads_per_window`` (the limits scenario): leads delivered
     in each whole limit window since the start. ``in_flight_at_push_back``: requests that were already
     on their way when a 429 came back (the pacer's count; they may reach the CRM inside the penalty,
-    which DESIGN §5 allows — every other request waits it out)."""
+    which architecture §5 allows — every other request waits it out)."""
 
     leads: int
     delivered: int
@@ -521,7 +521,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6 next to its measured figure."""
+    """One performance target next to its measured figure."""
 
     name: str
     measured: float | None
@@ -793,7 +793,7 @@ def _print_tables(result: dict[str, Any]) -> None:
     for extra in ("limits", "isolation"):
         if extra in result:
             out.print(f"{extra}: {json.dumps(result[extra])}")
-    targets = Table(title="targets (issue 6)")
+    targets = Table(title="targets")
     for column in ("target", "measured", "limit", "met"):
         targets.add_column(column)
     for t in result["targets"]:

@@ -1,4 +1,4 @@
-"""The ``leadwriter`` command line (DESIGN §7, stable command names).
+"""The ``leadwriter`` command line (architecture §7, stable command names).
 
 Exit codes scripts can rely on: 0 success, 1 something was refused or failed (a bad input line, a
 replay with refusals or errors), 2 usage or configuration error.
@@ -148,7 +148,7 @@ def _enqueue_lines(stream: TextIO) -> Iterator[tuple[int, OutgoingMessage | str]
             continue
         lead_id = data.get("leadId")
         if not isinstance(lead_id, str) or not lead_id:
-            # A lead without leadId takes the message id (DESIGN §3).
+            # A lead without leadId takes the message id (architecture §3).
             lead_id = str(uuid.uuid4())
         yield number, envelope(text.encode(), publisher_id=publisher_id, lead_id=lead_id)
 
@@ -536,7 +536,7 @@ def crm_simulator(
     host: Annotated[str, typer.Option(help="Loopback address to listen on.")] = "127.0.0.2",
     authority_port: Annotated[int, typer.Option(help="Port of the Entra authority (443 for the password flow).")] = 443,
 ) -> None:
-    """The local Dataverse + Entra ID simulator over HTTPS (DESIGN §9)."""
+    """The local Dataverse + Entra ID simulator over HTTPS (architecture §9)."""
     from shared.simulator.cli import run
 
     settings = _settings()
@@ -572,7 +572,7 @@ def bench(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every figure and target as JSON.")] = False,
 ) -> None:
-    """Measure delivery in one scenario, against a naive deliverer where it applies (DESIGN §10).
+    """Measure delivery in one scenario, against a naive deliverer where it applies (architecture §10).
 
     Options given override the scenario's values.
     """

@@ -1,4 +1,4 @@
-"""Queue transports (STYLE habit 8): the :class:`Transport` port and its two adapters.
+"""Queue transports (architecture §2): the :class:`Transport` port and its two adapters.
 
 ``EmbeddedBroker`` (SQLite) is imported eagerly; ``ServiceBusTransport`` lazily, because importing
 azure-servicebus costs a quarter of a second that the embedded default never needs.

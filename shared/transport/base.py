@@ -1,4 +1,4 @@
-"""The queue port (STYLE habit 8): Service Bus semantics, whatever the broker.
+"""The queue port (architecture §2): Service Bus semantics, whatever the broker.
 
 Adapters: :mod:`shared.transport.embedded` (SQLite) and :mod:`shared.transport.servicebus`
 (azure-servicebus). Both pass ``tests/test_transport_contract.py``.

@@ -1,4 +1,4 @@
-"""The embedded broker: Service Bus queue semantics on one SQLite file (DESIGN §2, embedded default).
+"""The embedded broker: Service Bus queue semantics on one SQLite file (architecture §2, embedded default).
 
 One table holds every message of every queue; a message is *active* (visible, scheduled or locked)
 or *dead-lettered* (the queue's dead-letter sub-queue). A lock is a token plus an expiry: a locked

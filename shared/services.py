@@ -30,6 +30,7 @@ from shared.transport.base import Transport
 
 if TYPE_CHECKING:
     from shared.runtime.embedded import EmbeddedRuntime
+    from shared.runtime.functions import FunctionsRuntime
 
 
 @dataclass
@@ -83,6 +84,15 @@ class Services:
             publisher_concurrency=publisher_concurrency or self.settings.publisher_concurrency,
             observer=self.observe,
         )
+
+    def stage_runtime(self) -> EmbeddedRuntime | FunctionsRuntime:
+        """What runs the stages on this machine, as ``LEADWRITER_RUNTIME`` says: the embedded stage
+        workers, or the registered Functions triggers called as the host calls them."""
+        if self.settings.runtime == "functions":
+            from shared.runtime.functions import FunctionsRuntime
+
+            return FunctionsRuntime(self)
+        return self.embedded_runtime()
 
     def close(self) -> None:
         self.transport.close()

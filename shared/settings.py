@@ -41,6 +41,7 @@ class Settings(BaseModel):
     data_dir: Path = Field(default=Path(".leadwriter"), alias="LEADWRITER_DATA_DIR")
     queue_backend: Literal["embedded", "servicebus"] = Field(default="embedded", alias="LEADWRITER_QUEUE_BACKEND")
     secret_backend: Literal["embedded", "keyvault"] = Field(default="embedded", alias="LEADWRITER_SECRET_BACKEND")
+    runtime: Literal["embedded", "functions"] = Field(default="embedded", alias="LEADWRITER_RUNTIME")
     admin_key: SecretStr | None = Field(default=None, alias="LEADWRITER_ADMIN_KEY")
     crm_allowed_hosts: tuple[str, ...] = Field(default=(), alias="LEADWRITER_CRM_ALLOWED_HOSTS")
     solution_name: str = Field(default=DEFAULT_SOLUTION_NAME, alias="LEADWRITER_SOLUTION_NAME", min_length=1)

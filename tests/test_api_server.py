@@ -40,11 +40,34 @@ def test_health_reports_backends_and_answers_ok_when_they_answer(stack: ApiStack
     assert answer.status_code == 200
     assert answer.json() == {
         "status": "ok",
+        "runtime": "embedded",
         "queueBackend": "embedded",
         "secretBackend": "embedded",
+        "stateBackend": "embedded",
         "checks": {"queue": "ok", "secrets": "ok"},
     }
     assert_security_headers(answer)
+
+
+def test_health_is_answered_from_a_short_cache_so_anonymous_traffic_costs_the_backends_nothing(
+    stack: ApiStack,
+) -> None:
+    reads: list[str] = []
+    store = stack.services.secrets
+    original = store.get
+
+    def counting_get(name: str) -> str | None:
+        reads.append(name)
+        return original(name)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    try:
+        answers = [stack.client.get("/api/health").status_code for _ in range(20)]
+    finally:
+        store.get = original  # type: ignore[method-assign]
+
+    assert answers == [200] * 20
+    assert len(reads) <= 1
 
 
 class _DownSecretStore:

@@ -15,6 +15,9 @@ from shared.pipeline.messages import envelope
 from shared.simulator import CrmSimulator
 from tests.fixtures.harness import lead_message, running
 
+#: Every test here runs on the embedded workers and on the registered Functions triggers.
+pytestmark = pytest.mark.usefixtures("runtime")
+
 
 def test_varied_leads_for_several_publishers_are_each_written_exactly_once(
     simulator: CrmSimulator, tmp_path: Path

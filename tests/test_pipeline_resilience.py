@@ -15,6 +15,9 @@ from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator
 from tests.fixtures.harness import FAST_ENV, Harness, lead_message, running
 
+#: Every test here runs on the embedded workers and on the registered Functions triggers.
+pytestmark = pytest.mark.usefixtures("runtime")
+
 
 def _worker_env(harness: Harness) -> dict[str, str]:
     settings = harness.settings

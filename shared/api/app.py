@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a health check may take before its backend counts as not answering.
 HEALTH_TIMEOUT = 5.0
+#: Seconds a health answer is reused: anonymous traffic on /api/health must not become backend
+#: traffic (a Key Vault read per request would spend the vault's transaction budget).
+HEALTH_CACHE_SECONDS = 5.0
 #: A secret name no one stores: reading it proves the store answers, and costs a miss.
 _HEALTH_PROBE_SECRET = "leadwriter-health-probe"  # noqa: S105 - a name, not a secret
 
@@ -62,21 +66,31 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
+    health_lock = asyncio.Lock()
+    health_cache: list[Any] = []
 
     @app.get("/api/health", response_model=HealthAnswer, tags=["health"], summary="Liveness and readiness")
     async def health() -> JSONResponse:
         settings = services.settings
-        checks = dict(
-            await asyncio.gather(
-                _check("queue", lambda: services.transport.stats(QUEUE_INCOMING)),
-                _check("secrets", lambda: services.secrets.get(_HEALTH_PROBE_SECRET)),
-            )
-        )
+        async with health_lock:
+            now = time.monotonic()
+            if health_cache and now - health_cache[0] < HEALTH_CACHE_SECONDS:
+                checks = health_cache[1]
+            else:
+                checks = dict(
+                    await asyncio.gather(
+                        _check("queue", lambda: services.transport.stats(QUEUE_INCOMING)),
+                        _check("secrets", lambda: services.secrets.get(_HEALTH_PROBE_SECRET)),
+                    )
+                )
+                health_cache[:] = [now, checks]
         ok = all(state == "ok" for state in checks.values())
         answer = HealthAnswer(
             status="ok" if ok else "degraded",
+            runtime=settings.runtime,
             queue_backend=settings.queue_backend,
             secret_backend=settings.secret_backend,
+            state_backend=getattr(settings, "state_backend", "embedded"),
             checks=checks,
         )
         return JSONResponse(answer.model_dump(by_alias=True), status_code=200 if ok else 503)

@@ -38,8 +38,10 @@ class ErrorAnswer(ApiModel):
 
 class HealthAnswer(ApiModel):
     status: Literal["ok", "degraded"]
+    runtime: str
     queue_backend: str
     secret_backend: str
+    state_backend: str
     checks: dict[str, str]
 
 

@@ -14,8 +14,11 @@ import hmac
 import json
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+from shared.cache import TtlCache
 from shared.secretstore.base import (
     CONTENT_TYPE,
     InvalidPublisherId,
@@ -32,6 +35,11 @@ RECORD_PREFIX = "key-"
 #: Longer than any key we issue (a 40-character publisher id encodes to at most 120 characters).
 MAX_KEY_LENGTH = 256
 _RECORD_VERSION = 1
+#: Seconds a key record (or its absence) read from the store is reused. In Azure the store is Key
+#: Vault, whose transaction budget every instance shares: a request must not cost a vault read. A key
+#: revoked through another instance stops working here within this time.
+RECORD_TTL = 30.0
+_NO_RECORD = ""
 
 
 def _digest(salt: bytes, key: str) -> str:
@@ -47,8 +55,9 @@ class ApiKeyStore:
     secret-name suffix>" via secret_name_for(publisher_id, prefix="key-")), compared in constant time,
     revocable."""
 
-    def __init__(self, store: SecretStore) -> None:
+    def __init__(self, store: SecretStore, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
+        self._records: TtlCache[str, str] = TtlCache(clock)
 
     def issue(self, publisher_id: str) -> str:
         """A new key for ``publisher_id``, replacing any previous one. Shown once: only its hash is kept.
@@ -74,6 +83,7 @@ class ApiKeyStore:
             content_type=CONTENT_TYPE,
             tags={"publisherId": publisher_id, "kind": "apiKey", "keyId": key_id},
         )
+        self._records.pop(name)
         logger.info("issued API key %s for publisher %s", key_id, publisher_id)
         return key
 
@@ -87,8 +97,11 @@ class ApiKeyStore:
         if parsed is None:
             return None
         publisher_id, name, key_id = parsed
-        value = self._store.get(name)
+        value = self._records.get(name)
         if value is None:
+            value = self._store.get(name) or _NO_RECORD
+            self._records.put(name, value, RECORD_TTL)
+        if value == _NO_RECORD:
             return None
         try:
             record = json.loads(value)
@@ -106,7 +119,9 @@ class ApiKeyStore:
 
     def revoke(self, publisher_id: str) -> bool:
         """Remove the publisher's key; True if it had one. Raises InvalidPublisherId for a malformed id."""
-        revoked = self._store.delete(secret_name_for(publisher_id, prefix=RECORD_PREFIX))
+        name = secret_name_for(publisher_id, prefix=RECORD_PREFIX)
+        revoked = self._store.delete(name)
+        self._records.pop(name)
         if revoked:
             logger.info("revoked the API key of publisher %s", publisher_id)
         return revoked

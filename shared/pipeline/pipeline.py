@@ -29,6 +29,11 @@ from shared.transport.base import ReceivedMessage
 logger = logging.getLogger(__name__)
 
 CONNECTION_TTL = 30.0
+#: A publisher with no connection is remembered as such this long: one unconfigured publisher's
+#: backlog must not become a secret-store (Key Vault) read per lead.
+MISSING_TTL = 30.0
+#: Even a "read it fresh" (after a configuration dead letter) asks the store at most this often.
+FRESH_READ_INTERVAL = 5.0
 T = TypeVar("T")
 
 StageStep = Callable[["Pipeline", ReceivedMessage, bool], Outcome]
@@ -60,6 +65,9 @@ class Pipeline:
         #: Every client of this process asks this pacer (and, through it, the one penalty record).
         self.pacer = pacer or Pacer()
         self._connection_cache: TtlCache[str, Connection] = TtlCache(clock)
+        #: Publishers found without a connection, by any read and by a fresh one.
+        self._missing: TtlCache[str, bool] = TtlCache(clock)
+        self._fresh_missing: TtlCache[str, bool] = TtlCache(clock)
         #: Solution version per (publisher, connection fingerprint); None = not installed.
         self.solution_cache: TtlCache[tuple[str, str], check_solution.SolutionFound] = TtlCache(clock)
         self._clients: LruCache[str, DataverseClient] = LruCache()
@@ -69,14 +77,23 @@ class Pipeline:
 
     def connection(self, publisher_id: str, *, fresh: bool = False) -> Connection:
         """The publisher's connection (cached). Raises CredentialsMissing when none is stored."""
+        missing = CredentialsMissing(f"no CRM connection is stored for publisher {publisher_id!r}")
         if not fresh:
             cached = self._connection_cache.get(publisher_id)
             if cached is not None:
                 return cached
+            if self._missing.get(publisher_id):
+                raise missing
+        elif self._fresh_missing.get(publisher_id):
+            raise missing
         connection = self.connections.get(publisher_id)
         if connection is None:
             self._connection_cache.pop(publisher_id)
-            raise CredentialsMissing(f"no CRM connection is stored for publisher {publisher_id!r}")
+            self._missing.put(publisher_id, True, MISSING_TTL)
+            self._fresh_missing.put(publisher_id, True, FRESH_READ_INTERVAL)
+            raise missing
+        self._missing.pop(publisher_id)
+        self._fresh_missing.pop(publisher_id)
         self._connection_cache.put(publisher_id, connection, CONNECTION_TTL)
         return connection
 
@@ -103,6 +120,8 @@ class Pipeline:
     def forget(self, publisher_id: str) -> None:
         """Drop what is cached for a publisher (after its connection changed)."""
         self._connection_cache.pop(publisher_id)
+        self._missing.pop(publisher_id)
+        self._fresh_missing.pop(publisher_id)
         self.solution_cache.pop_where(lambda key: key[0] == publisher_id)
 
     # -- running the stages ---------------------------------------------------------------------

@@ -76,7 +76,6 @@ def serve(
 ) -> None:
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
     from shared.ops.telemetry import configure_telemetry
-    from shared.runtime.embedded import EmbeddedRuntime
     from shared.services import Services
 
     settings = _settings()
@@ -89,14 +88,9 @@ def serve(
     services = Services.from_settings(settings)
     runtime = None
     if workers:
-        runtime = EmbeddedRuntime(
-            services.transport,
-            services.pipeline,
-            concurrency=settings.worker_concurrency,
-            publisher_concurrency=settings.publisher_concurrency,
-            observer=services.observe,
-        ).start()
-        console.print("[green]stage workers running[/green]")
+        runtime = services.stage_runtime().start()
+        what = "registered Functions triggers" if settings.runtime == "functions" else "stage workers"
+        console.print(f"[green]{what} running[/green]")
     # Our handlers are in place before uvicorn's: uvicorn handles SIGINT/SIGTERM while it runs, then
     # restores the handlers it found and raises the signal again — which must reach these (and let
     # the workers drain below), not the default SIGTERM action that would kill the process first.

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,6 +364,30 @@ def test_update_gives_up_as_unavailable_when_other_writers_keep_winning(store: S
     assert found.data == {"n": -3}
 
 
+def test_threads_sharing_one_store_lose_no_update(store: StateStore, table: str) -> None:
+    threads, count = 4, 25
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(count):
+                store.update(table, "counters", "threads", _increment)
+        except BaseException as exc:  # reported below, with the thread's failure
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+
+    assert not errors
+    assert not any(worker.is_alive() for worker in workers)
+    found = store.get(table, "counters", "threads")
+    assert found is not None
+    assert found.data == {"n": threads * count}
+
+
 _CHILD = """
 import json, os, sys
 from pathlib import Path
@@ -636,11 +661,17 @@ def test_a_table_deleted_under_the_store_is_created_again_on_the_next_write(azur
         with TableServiceClient.from_connection_string(azurite_table) as service:
             service.delete_table(table)
 
-        assert store.get(table, "p", "r") is None
+        # A write first (the store still believes the table exists), then a read.
         store.insert(table, "p", "r", {"v": 2})
         found = store.get(table, "p", "r")
         assert found is not None
         assert found.data == {"v": 2}
+
+        service_table = TableServiceClient.from_connection_string(azurite_table)
+        service_table.delete_table(table)
+        service_table.close()
+        assert store.get(table, "p", "r") is None
+        assert store.query(table) == []
 
 
 # -- the factory -----------------------------------------------------------------------------------

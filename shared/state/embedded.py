@@ -137,11 +137,13 @@ class EmbeddedStateStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
+            # Also when COMMIT itself failed: a connection left inside a transaction could never
+            # begin another one.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:

@@ -16,6 +16,7 @@ answers are mapped onto the port's errors in one place, :func:`_state_error`.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -55,9 +56,24 @@ _PAGE_SIZE = 1000
 
 
 def _error_code(exc: HttpResponseError) -> str | None:
+    """The service's error code (``TableNotFound``, ``UpdateConditionNotSatisfied`` …), if it sent one."""
+    # Some SDK calls decode it onto the error (a TableErrorCode, a str enum); others (create_entity)
+    # re-raise the raw error, so fall back to the header, then to the OData body.
     code = getattr(exc, "error_code", None)
-    # The SDK sets a TableErrorCode (a str enum) or the raw header text.
-    return str(getattr(code, "value", code)) if code else None
+    if code:
+        return str(getattr(code, "value", code))
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    header = (getattr(response, "headers", None) or {}).get("x-ms-error-code")
+    if header:
+        return str(header)
+    try:
+        body = json.loads(response.text())
+        found = body["odata.error"]["code"]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return str(found) if isinstance(found, str) and found else None
 
 
 def _state_error(action: str, where: str, exc: AzureError) -> LeadWriterError:

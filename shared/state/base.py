@@ -51,8 +51,12 @@ _RESERVED_TABLE_NAMES = frozenset({"tables"})
 #: Characters Table Storage refuses in PartitionKey and RowKey: ``/ \ # ?`` and control characters
 #: (U+0000-U+001F, U+007F-U+009F).
 _FORBIDDEN_KEY_CHARS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f]")
-#: ``safe_key`` escapes the forbidden characters and its own escape character, nothing else.
-_ESCAPED_BY_SAFE_KEY = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
+#: ``safe_key`` escapes the forbidden characters, its own escape character ``!``, and two that are
+#: allowed but have a history of trouble in Table keys: ``%`` (some Table APIs once decoded it a second
+#: time; Azurite and Storage Explorer had bugs with it) and ``'`` (doubled inside OData key literals).
+_SAFE_KEY_ESCAPE = "!"
+_ESCAPED_BY_SAFE_KEY = re.compile(r"[!%'/\\#?\x00-\x1f\x7f-\x9f]")
+_SAFE_KEY_SEQUENCE = re.compile(r"!([0-9A-F]{2})")
 #: Table Storage's key limit: 1 KiB, counted as UTF-16 (512 characters of the Basic Multilingual Plane).
 MAX_KEY_BYTES = 1024
 #: Table Storage's limit for one string property: 64 KiB as UTF-16 (32 Ki characters of the BMP).
@@ -197,19 +201,25 @@ def validate_key(key: str, field: str = "key") -> str:
 
 
 def safe_key(text: str) -> str:
-    """Escape ``text`` into a valid key, injectively: every forbidden character and ``%`` itself
-    become ``%XX`` (or ``%uXXXX`` above U+00FF); nothing else changes.
+    """Escape ``text`` into a valid key, injectively: each forbidden character, and ``!``, ``%`` and
+    ``'``, becomes ``!XX`` (its code in hex); nothing else changes. :func:`key_text` undoes it.
 
-    Because ``%`` is escaped too, two different texts never share a key, and keys of plain text
-    (letters, digits, ``-``, ``.``, ``:``, ``@`` …) stay readable. The result can still be longer
-    than a key may be; the store refuses that with InvalidStateKey.
+    Because the escape character is escaped too, two different texts never share a key, and keys of
+    plain text (letters, digits, ``-``, ``.``, ``:``, ``@``, any non-ASCII letter) stay readable:
+    ``https://contoso.crm4.dynamics.com/`` → ``https:!2F!2Fcontoso.crm4.dynamics.com!2F``. The result
+    can still be longer than a key may be; the store refuses that with InvalidStateKey.
     """
     return _ESCAPED_BY_SAFE_KEY.sub(_escape, text)
 
 
+def key_text(key: str) -> str:
+    """The text :func:`safe_key` made ``key`` from."""
+    return _SAFE_KEY_SEQUENCE.sub(lambda match: chr(int(match.group(1), 16)), key)
+
+
 def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"%{code:02X}" if code <= 0xFF else f"%u{code:04X}"
+    # Every escaped character is at most U+009F, so two hex digits always suffice.
+    return f"{_SAFE_KEY_ESCAPE}{ord(match.group()):02X}"
 
 
 def _utf16_size(text: str) -> int:

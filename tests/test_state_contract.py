@@ -22,6 +22,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ServiceResponseError
+from azure.core.pipeline.transport import RequestsTransport
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
@@ -694,6 +696,50 @@ def test_a_table_deleted_under_the_store_is_created_again_on_the_next_write(azur
         service_table.close()
         assert store.get(table, "p", "r") is None
         assert store.query(table) == []
+
+
+class _LosesFirstAnswer(RequestsTransport):
+    """A transport that delivers the first ``method`` request, then loses the service's answer, as a
+    read timeout or a reset connection does; the SDK's retry policy then sends the request again."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.lost = 0
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        response = super().send(request, **kwargs)
+        if request.method == self.method and not self.lost:
+            self.lost += 1
+            raise ServiceResponseError("the answer was lost (test transport)")
+        return response
+
+
+def test_a_replace_whose_answer_was_lost_is_applied_once(azurite_table: str, table: str) -> None:
+    # Given a replace that reaches the service, but whose answer never comes back
+    transport = _LosesFirstAnswer("PUT")
+    with TablesStateStore.from_connection_string(azurite_table, transport=transport, retry_backoff_factor=0) as store:
+        store.insert(table, "p", "c", {"n": 1})
+
+        # When a counter is incremented (the SDK retries the PUT, which now fails its If-Match)
+        result = store.update(table, "p", "c", _increment)
+
+        # Then the store recognises its own write rather than incrementing a second time
+        assert transport.lost == 1
+        assert result == {"n": 2}
+        found = store.get(table, "p", "c")
+        assert found is not None
+        assert found.data == {"n": 2}
+
+
+def test_a_conditional_delete_whose_answer_was_lost_still_reports_the_delete(azurite_table: str, table: str) -> None:
+    transport = _LosesFirstAnswer("DELETE")
+    with TablesStateStore.from_connection_string(azurite_table, transport=transport, retry_backoff_factor=0) as store:
+        made = store.insert(table, "p", "r", {"v": 1})
+
+        assert store.delete(table, "p", "r", etag=made.etag) is True
+        assert transport.lost == 1
+        assert store.get(table, "p", "r") is None
 
 
 # -- the factory -----------------------------------------------------------------------------------

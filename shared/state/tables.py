@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +28,7 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
-from azure.core.pipeline import PipelineResponse
+from azure.core.pipeline import PipelineContext, PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableServiceClient, UpdateMode
 
 from shared.errors import LeadWriterError
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: The property that holds ``data`` as JSON.
 DATA_PROPERTY = "json"
+#: A random token per write, so a write whose answer was lost can recognise itself (see ``_landed``).
+WRITER_PROPERTY = "writer"
 #: Entities per page a query asks for (the service's maximum).
 _PAGE_SIZE = 1000
 
@@ -203,8 +206,31 @@ class TablesStateStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _entity(partition: str, row: str, text: str) -> dict[str, Any]:
-        return {"PartitionKey": partition, "RowKey": row, DATA_PROPERTY: text}
+    def _entity(partition: str, row: str, text: str, writer: str) -> dict[str, Any]:
+        return {"PartitionKey": partition, "RowKey": row, DATA_PROPERTY: text, WRITER_PROPERTY: writer}
+
+    def _get_raw(self, table: str, partition: str, row: str) -> TableEntity | None:
+        client = self._table(table)
+        try:
+            with self._mapped("read", table, partition, row):
+                found: TableEntity = client.get_entity(partition, row)
+        except StateNotFound:
+            return None
+        return found
+
+    def _landed(self, table: str, partition: str, row: str, writer: str) -> Entity | None:
+        """The entity if what is stored is our own write, else None.
+
+        The SDK retries a request whose answer it did not get (a read timeout, a reset connection; a
+        PUT always, a POST after 500/503/504). When the first try had been applied, the retry is
+        refused — 409 for an insert, 412 for a replace — though the write is ours. Without this check
+        ``update`` would take that for a lost race and apply ``change`` twice (a counter counting one
+        lead twice).
+        """
+        found = self._get_raw(table, partition, row)
+        if found is None or found.get(WRITER_PROPERTY) != writer:
+            return None
+        return self._from_service(table, found)
 
     def _from_service(self, table: str, found: TableEntity) -> Entity:
         text = found.get(DATA_PROPERTY)
@@ -217,39 +243,46 @@ class TablesStateStore:
     def get(self, table: str, partition: str, row: str) -> Entity | None:
         validate_key(partition, "partition")
         validate_key(row, "row")
-        client = self._table(table)
-        try:
-            with self._mapped("read", table, partition, row):
-                found = client.get_entity(partition, row)
-        except StateNotFound:
-            return None
-        return self._from_service(table, found)
+        found = self._get_raw(table, partition, row)
+        return None if found is None else self._from_service(table, found)
 
     def insert(self, table: str, partition: str, row: str, data: Mapping[str, Any]) -> Entity:
         validate_key(partition, "partition")
         validate_key(row, "row")
-        text = encode_data(data)
-        meta = self._write(
-            "insert", table, partition, row, lambda c: c.create_entity(self._entity(partition, row, text))
-        )
+        text, writer = encode_data(data), secrets.token_hex(8)
+        try:
+            meta = self._write(
+                "insert", table, partition, row, lambda c: c.create_entity(self._entity(partition, row, text, writer))
+            )
+        except StateConflict:
+            landed = self._landed(table, partition, row, writer)
+            if landed is None:
+                raise
+            return landed
         return Entity(table, partition, row, decode_data(text), str(meta["etag"]))
 
     def replace(self, table: str, partition: str, row: str, data: Mapping[str, Any], *, etag: str) -> Entity:
         validate_key(partition, "partition")
         validate_key(row, "row")
-        text = encode_data(data)
-        meta = self._write(
-            "replace",
-            table,
-            partition,
-            row,
-            lambda c: c.update_entity(
-                self._entity(partition, row, text),
-                mode=UpdateMode.REPLACE,
-                etag=etag,
-                match_condition=MatchConditions.IfNotModified,
-            ),
-        )
+        text, writer = encode_data(data), secrets.token_hex(8)
+        try:
+            meta = self._write(
+                "replace",
+                table,
+                partition,
+                row,
+                lambda c: c.update_entity(
+                    self._entity(partition, row, text, writer),
+                    mode=UpdateMode.REPLACE,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
+                ),
+            )
+        except StatePreconditionFailed:
+            landed = self._landed(table, partition, row, writer)
+            if landed is None:
+                raise
+            return landed
         return Entity(table, partition, row, decode_data(text), str(meta["etag"]))
 
     def upsert(self, table: str, partition: str, row: str, data: Mapping[str, Any]) -> Entity:
@@ -261,18 +294,24 @@ class TablesStateStore:
             table,
             partition,
             row,
-            lambda c: c.upsert_entity(self._entity(partition, row, text), mode=UpdateMode.REPLACE),
+            lambda c: c.upsert_entity(
+                self._entity(partition, row, text, secrets.token_hex(8)), mode=UpdateMode.REPLACE
+            ),
         )
         return Entity(table, partition, row, decode_data(text), str(meta["etag"]))
 
     def delete(self, table: str, partition: str, row: str, *, etag: str | None = None) -> bool:
         validate_key(partition, "partition")
         validate_key(row, "row")
-        # The SDK swallows 404 on delete; the response hook tells us whether there was an entity.
+        # The SDK swallows 404 on delete; the response hook tells us whether there was an entity, and
+        # its context, which the retry policy fills with the history of earlier tries once the call
+        # is done, whether an earlier try may have deleted it before its answer was lost.
         statuses: list[int] = []
+        contexts: list[PipelineContext] = []
 
         def seen(response: PipelineResponse[Any, Any]) -> None:
             statuses.append(response.http_response.status_code)
+            contexts.append(response.context)
 
         condition = MatchConditions.Unconditionally if etag is None else MatchConditions.IfNotModified
         self._write(
@@ -282,6 +321,11 @@ class TablesStateStore:
             row,
             lambda c: c.delete_entity(partition, row, etag=etag, match_condition=condition, raw_response_hook=seen),
         )
+        retried = bool(contexts and contexts[-1].get("history"))
+        if statuses and statuses[-1] == 404 and etag is not None and retried:
+            # A conditional delete retried into 404: the entity read at ``etag`` is gone, most likely
+            # by our own first try. Either way what the caller asked for holds.
+            return True
         return bool(statuses) and statuses[-1] == 204
 
     def query(

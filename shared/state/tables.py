@@ -7,7 +7,10 @@ Neither the connection string nor the account key is ever logged or put into an 
 
 Each entity is stored as its PartitionKey and RowKey plus one string property, ``json``, holding
 ``data`` as compact JSON. One string property holds at most 64 KiB (as UTF-16), so larger data is
-refused before it is sent (StateValueTooLarge) rather than left to fail in Azure.
+refused before it is sent (StateValueTooLarge) rather than left to fail in Azure. A second property,
+``writer``, holds a random token per write: when the SDK retries a write whose answer was lost, the
+retry is refused (409/412) although the first try was applied, and the token lets the store tell its
+own write from another writer's, so ``update`` never applies a change twice.
 
 Tables are created on first use (once per process per table: which ones exist is cached). Conditional
 writes use the entity's ETag with ``If-Match`` (``MatchConditions.IfNotModified``); the service's

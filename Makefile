@@ -12,10 +12,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
 	touch $(STAMP)
 
+# Azurite (Microsoft's Storage emulator) for the state port's Table tests, pinned in package-lock.json.
+NODE_STAMP := node_modules/.installed
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/leadwriter demo
 
-test: infra-check lint typecheck unit
+test: infra-check lint typecheck unit $(NODE_STAMP)
 
 # checkov conflicts with our dependencies: it gets a venv of its own, installed once (~30 s).
 CHECKOV_VENV ?= .venv-checkov
@@ -36,7 +43,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -46,4 +53,4 @@ serve: $(STAMP)
 	$(VENV)/bin/leadwriter serve
 
 clean:
-	rm -rf $(VENV) .leadwriter .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .leadwriter .mypy_cache .ruff_cache .pytest_cache

@@ -127,7 +127,9 @@ class Settings(BaseModel):
         value = value.strip().rstrip("/")
         scheme, sep, rest = value.partition("://")
         if not sep or scheme.lower() != "https":
-            raise ValueError("must be the https URL of the Table endpoint, e.g. https://<account>.table.core.windows.net")
+            raise ValueError(
+                "must be the https URL of the Table endpoint, e.g. https://<account>.table.core.windows.net"
+            )
         host = rest.split("/", 1)[0]
         # A query would carry a SAS token: the Table endpoint is reached with managed identity only.
         if not host or any(ch in rest for ch in "?#@ \\"):

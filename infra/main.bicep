@@ -26,14 +26,28 @@ param principalId string = ''
 param principalType string = 'User'
 
 @secure()
-@minLength(16)
-@description('Admin key for the HTTP API. Written to Key Vault only; the app reads it through a Key Vault reference. azd supplies it (secretOrRandomPassword).')
+@minLength(15)
+@description('Admin key for the HTTP API, as azd supplies it: the stored key read back (secretOrRandomPassword), or on the first provision a fresh 15-character password, which is lengthened below. Written to Key Vault only; the app reads it through a Key Vault reference.')
 param adminKey string
+
+@secure()
+// checkov:skip=CKV_AZURE_131: the default is newGuid(), drawn fresh by ARM on every deployment, not a hard-coded value; @secure() keeps it out of the deployment history.
+@description('Entropy that lengthens a fresh 15-character azd password to the 32+ characters the app requires (LEADWRITER_ADMIN_KEY). Never pass it: each deployment draws a new one, used only when adminKey is shorter than 32.')
+param adminKeyEntropy string = newGuid()
+
+@minLength(1)
+@maxLength(16)
+@description('Generation of the Key Vault name. After `azd down`, the purge-protected vault keeps its name for 90 days; bump this (azd env set LEADWRITER_KEYVAULT_GENERATION 2) before the next `azd up` in the same environment so the new vault gets a new name. See docs/deploy.md.')
+param keyVaultGeneration string = '1'
 
 @minValue(1)
 @maxValue(1000)
-@description('Upper bound of Flex Consumption instances. Each instance may hold LEADWRITER_PUBLISHER_CONCURRENCY requests to one CRM, and Dataverse allows 52 concurrent requests per user: see docs/deploy.md.')
+@description('Upper bound of on-demand Flex Consumption instances PER FUNCTION GROUP, not per app: each Service Bus function (validate_credentials, check_solution, write_lead) scales as its own group and the HTTP API as the `http` group, so the app may run up to 4 x this many. What this means for one CRM (52 concurrent requests per user): docs/deploy.md.')
 param maximumInstanceCount int = 4
+
+@allowed(['3.11', '3.12'])
+@description('Python version of the Flex Consumption runtime.')
+param pythonVersion string = '3.11'
 
 @allowed([2048, 4096])
 @description('Memory of one instance (MB).')
@@ -56,18 +70,41 @@ param minSolutionVersion string = '1.0.0.0'
 
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+// Key Vault names stay reserved while a deleted vault is soft-deleted (90 days, purge protection on),
+// so the vault alone takes its token from the generation too: a new generation, a new name.
+var keyVaultToken = toLower(uniqueString(subscription().id, environmentName, location, keyVaultGeneration))
 var tags = { 'azd-env-name': environmentName }
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentStorageContainerName = 'app-package-${take(functionAppName, 32)}-${take(toLower(uniqueString(functionAppName, resourceToken)), 7)}'
 var adminKeySecretName = 'leadwriter-admin-key'
+// azd's secretOrRandomPassword generates 15 characters (5 lower, 5 upper, 5 digits); the app refuses
+// an admin key under 32. A stored key (32+) is kept as it is, so provisions do not rotate it.
+var adminKeyValue = (length(adminKey) >= 32) ? adminKey : '${adminKey}${replace(adminKeyEntropy, '-', '')}'
 
 // The stage queues, in pipeline order. The names are shared/names.py's STAGE_QUEUES (a test keeps
-// them equal). A lock of one minute outlasts one CRM or token request (connect 5 s + read 30 s by
-// default); host.json renews it for up to the function timeout.
+// them equal). Timeouts to the CRM and Entra ID: connect 5 s + read 30 s (LEADWRITER_CRM_*_TIMEOUT).
+//   leads-incoming, leads-validated: single dispatch, one request per message (35 s); the host
+//     renews their locks for up to maxAutoLockRenewalDuration, so one minute is enough.
+//   leads-ready: write_lead takes up to maxMessageBatchSize (100) messages as one batch; host.json
+//     lock renewal does NOT apply to batches, so the write stage renews the locks itself, and the
+//     lock alone must outlast one $batch with its fresh-token retry: $batch 35 s + token 35 s +
+//     $batch 35 s = 105 s, plus settling up to 100 messages (~10 s). PT3M leaves a minute for a
+//     renewal that comes late. Service Bus allows at most PT5M. tests/infra_checks.py recomputes this
+//     from host.json and the timeout defaults.
 var stageQueues = [
   { name: 'leads-incoming', lockDuration: 'PT1M' } // validate_credentials: token request to Entra ID
   { name: 'leads-validated', lockDuration: 'PT1M' } // check_solution: one Dataverse query
-  { name: 'leads-ready', lockDuration: 'PT1M' } // write_lead: one Dataverse write
+  { name: 'leads-ready', lockDuration: 'PT3M' } // write_lead: one $batch of up to 100 leads, fresh-token retry
+]
+
+// The state port's tables (shared/names.py STATE_TABLES; a test keeps them equal). Bicep creates
+// them and rbac.bicep grants the app Storage Table Data Contributor on each table, not the account.
+var stateTables = [
+  'leaddeliveries'
+  'crmlimits'
+  'apikeys'
+  'publishersettings'
+  'replayjobs'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -107,6 +144,7 @@ module storage 'core/storage/storage-account.bicep' = {
     location: location
     tags: tags
     containerNames: [deploymentStorageContainerName]
+    tableNames: stateTables
   }
 }
 
@@ -125,12 +163,12 @@ module keyVault 'core/security/keyvault.bicep' = {
   name: 'keyvault'
   scope: rg
   params: {
-    name: '${abbrs.keyVaultVaults}${resourceToken}'
+    name: '${abbrs.keyVaultVaults}${keyVaultToken}'
     location: location
     tags: tags
     publicNetworkAccess: keyVaultPublicNetworkAccess
     adminKeySecretName: adminKeySecretName
-    adminKey: adminKey
+    adminKey: adminKeyValue
   }
 }
 
@@ -155,6 +193,8 @@ module api 'app/api.bicep' = {
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     storageAccountName: storage.outputs.name
     deploymentStorageContainerName: deploymentStorageContainerName
+    tablesUrl: storage.outputs.primaryTableEndpoint
+    pythonVersion: pythonVersion
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId
     serviceBusNamespaceFqdn: serviceBus.outputs.fullyQualifiedNamespace
@@ -181,6 +221,7 @@ module rbac 'app/rbac.bicep' = {
     keyVaultName: keyVault.outputs.name
     adminKeySecretName: adminKeySecretName
     storageAccountName: storage.outputs.name
+    tableNames: stateTables
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
@@ -198,3 +239,5 @@ output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_ENDPOINT string = keyVault.outputs.uri
 output SERVICEBUS_FULLY_QUALIFIED_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
 output SERVICEBUS_NAMESPACE_NAME string = serviceBus.outputs.name
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output LEADWRITER_TABLES_URL string = storage.outputs.primaryTableEndpoint

@@ -31,3 +31,20 @@ SECRET_KEY_FILE = "secret.key"  # noqa: S105 - a file name, not a secret
 STATUS_FILE = "status.db"
 PENALTIES_FILE = "penalties.json"
 STATE_FILE = "state.db"
+
+#: Azure Table Storage tables of the state port (architecture §2), in the deployment's storage account.
+#: Bicep creates exactly these (a check keeps them equal) and grants the app's identity Storage Table
+#: Data Contributor on each one, not on the account: the app reads and writes entities but never
+#: creates or deletes tables in Azure.
+TABLE_DELIVERIES = "leaddeliveries"  # delivery status per lead
+TABLE_CRM_LIMITS = "crmlimits"  # 429 penalties and learned CRM limits
+TABLE_API_KEYS = "apikeys"  # publisher API key records (hashed)
+TABLE_PUBLISHER_SETTINGS = "publishersettings"  # mapping and alert settings
+TABLE_REPLAY_JOBS = "replayjobs"  # dead-letter replay jobs
+STATE_TABLES: tuple[str, ...] = (
+    TABLE_DELIVERIES,
+    TABLE_CRM_LIMITS,
+    TABLE_API_KEYS,
+    TABLE_PUBLISHER_SETTINGS,
+    TABLE_REPLAY_JOBS,
+)

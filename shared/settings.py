@@ -20,6 +20,13 @@ DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_SOLUTION_NAME = "MicrosoftMarketplacesLeadIntegrationSolution"
 DEFAULT_MIN_SOLUTION_VERSION = "1.0.0.0"
 
+#: What the Functions host leaves in an app setting when it cannot resolve a Key Vault reference.
+KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("
+#: Shortest admin key accepted, and the command the error message suggests.
+MIN_ADMIN_KEY_LENGTH = 32
+MIN_ADMIN_KEY_DISTINCT = 10
+GENERATE_ADMIN_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
 
 def parse_version(text: str) -> tuple[int, ...]:
     """Parse a ``major.minor[.build[.revision]]`` version for numeric comparison.
@@ -41,9 +48,18 @@ class Settings(BaseModel):
     data_dir: Path = Field(default=Path(".leadwriter"), alias="LEADWRITER_DATA_DIR")
     queue_backend: Literal["embedded", "servicebus"] = Field(default="embedded", alias="LEADWRITER_QUEUE_BACKEND")
     secret_backend: Literal["embedded", "keyvault"] = Field(default="embedded", alias="LEADWRITER_SECRET_BACKEND")
-    runtime: Literal["embedded", "functions"] = Field(default="embedded", alias="LEADWRITER_RUNTIME")
     admin_key: SecretStr | None = Field(default=None, alias="LEADWRITER_ADMIN_KEY")
     crm_allowed_hosts: tuple[str, ...] = Field(default=(), alias="LEADWRITER_CRM_ALLOWED_HOSTS")
+    #: Extra ``host:port`` patterns allowed as alert webhooks (same syntax as crm_allowed_hosts).
+    webhook_allowed_hosts: tuple[str, ...] = Field(default=(), alias="LEADWRITER_WEBHOOK_ALLOWED_HOSTS")
+    #: ``functions`` runs messages through the trigger functions of function_app.py, as the host calls them.
+    runtime: Literal["embedded", "functions"] = Field(default="embedded", alias="LEADWRITER_RUNTIME")
+    #: Where state shared between instances lives: SQLite in the data dir, or Azure Table Storage.
+    state_backend: Literal["embedded", "tables"] = Field(default="embedded", alias="LEADWRITER_STATE_BACKEND")
+    #: Table endpoint (``https://<account>.table.core.windows.net``), reached with managed identity.
+    tables_url: str | None = Field(default=None, alias="LEADWRITER_TABLES_URL")
+    #: Connection string for Azurite (local tests); never used in Azure, where shared keys are off.
+    tables_connection_string: SecretStr | None = Field(default=None, alias="LEADWRITER_TABLES_CONNECTION_STRING")
     solution_name: str = Field(default=DEFAULT_SOLUTION_NAME, alias="LEADWRITER_SOLUTION_NAME", min_length=1)
     min_solution_version: str = Field(default=DEFAULT_MIN_SOLUTION_VERSION, alias="LEADWRITER_MIN_SOLUTION_VERSION")
     authority_host: str = Field(default=DEFAULT_AUTHORITY_HOST, alias="AZURE_AUTHORITY_HOST")
@@ -72,7 +88,7 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LEADWRITER_LOG_LEVEL")
     appinsights_connection_string: SecretStr | None = Field(default=None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
 
-    @field_validator("crm_allowed_hosts", mode="before")
+    @field_validator("crm_allowed_hosts", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -92,6 +108,33 @@ class Settings(BaseModel):
                 raise ValueError("must be one or more non-negative, finite numbers of seconds")
             return numbers
         return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not is_strong_admin_key(value.get_secret_value()):
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_KEY_LENGTH} characters and not trivially guessable "
+                f"(no repeated character or pattern); generate one with {GENERATE_ADMIN_KEY}"
+            )
+        return value
+
+    @field_validator("tables_url")
+    @classmethod
+    def _check_tables_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() != "https":
+            raise ValueError(
+                "must be the https URL of the Table endpoint, e.g. https://<account>.table.core.windows.net"
+            )
+        host = rest.split("/", 1)[0]
+        # A query would carry a SAS token: the Table endpoint is reached with managed identity only.
+        if not host or any(ch in rest for ch in "?#@ \\"):
+            raise ValueError("must be a URL without query, fragment or user info (managed identity, no SAS)")
+        return "https://" + host.lower() + rest[len(host) :]
 
     @field_validator("min_solution_version")
     @classmethod
@@ -126,6 +169,14 @@ class Settings(BaseModel):
         aliases = {field.alias for field in cls.model_fields.values() if field.alias}
         # Empty strings mean "unset": the Functions host writes empty app settings that way.
         values = {name: env[name] for name in aliases if env.get(name, "") != ""}
+        for name in sorted(values):
+            # The host keeps the literal reference when it cannot resolve it; never use that as a value
+            # (above all not as the admin key, which anyone reading the app settings could then send).
+            if values[name].strip().casefold().startswith(KEY_VAULT_REFERENCE_PREFIX.casefold()):
+                raise ConfigurationError(
+                    f"setting {name} is a Key Vault reference that did not resolve: check the app's "
+                    "keyVaultReferenceIdentity, its role on the vault and the secret URI (docs/deploy.md)"
+                )
         try:
             settings = cls.model_validate(values)
         except ValidationError as exc:
@@ -143,3 +194,20 @@ class Settings(BaseModel):
             )
         if self.secret_backend == "keyvault" and not self.keyvault_url:  # noqa: S105 - a backend name, not a secret
             raise ConfigurationError("setting KEYVAULT_URL is required when LEADWRITER_SECRET_BACKEND=keyvault")
+        if self.state_backend == "tables" and not (self.tables_url or self.tables_connection_string):
+            raise ConfigurationError(
+                "setting LEADWRITER_TABLES_URL (managed identity) or LEADWRITER_TABLES_CONNECTION_STRING "
+                "(Azurite) is required when LEADWRITER_STATE_BACKEND=tables"
+            )
+
+
+def is_strong_admin_key(key: str) -> bool:
+    """True when ``key`` is long enough and not trivially weak (one repeated character or pattern).
+
+    A check against typing mistakes and placeholders, not an entropy estimate: generate keys with
+    ``secrets.token_urlsafe(32)``.
+    """
+    if len(key) < MIN_ADMIN_KEY_LENGTH or len(set(key)) < MIN_ADMIN_KEY_DISTINCT:
+        return False
+    # A string made of one shorter unit repeated ("abcdabcd...") is found again inside itself doubled.
+    return (key + key).find(key, 1) == len(key)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -81,15 +82,21 @@ VAULT_TYPE = "Microsoft.KeyVault/vaults"
 SECRET_TYPE = "Microsoft.KeyVault/vaults/secrets"
 STORAGE_TYPE = "Microsoft.Storage/storageAccounts"
 CONTAINER_TYPE = "Microsoft.Storage/storageAccounts/blobServices/containers"
+TABLE_SERVICE_TYPE = "Microsoft.Storage/storageAccounts/tableServices"
+TABLE_TYPE = "Microsoft.Storage/storageAccounts/tableServices/tables"
 COMPONENT_TYPE = "Microsoft.Insights/components"
 SITE_TYPE = "Microsoft.Web/sites"
 ROLE_ASSIGNMENT_TYPE = "Microsoft.Authorization/roleAssignments"
 
 #: The least-privilege list: every role the deployment may grant, and the scopes it may be granted at.
-#: Service Bus roles only on single queues (never the namespace); no Data Owner, Owner, Contributor.
+#: Service Bus roles only on single queues (never the namespace) — Data Owner included, which the
+#: scale controller needs to read queue lengths (docs/deploy.md); table data only on single tables;
+#: no Owner, Contributor or User Access Administrator.
 ALLOWED_ROLE_SCOPES: Mapping[str, frozenset[str]] = {
     SB_DATA_RECEIVER: frozenset({QUEUE_TYPE}),
     SB_DATA_SENDER: frozenset({QUEUE_TYPE}),
+    SB_DATA_OWNER: frozenset({QUEUE_TYPE}),
+    STORAGE_TABLE_DATA_CONTRIBUTOR: frozenset({TABLE_TYPE}),
     KV_SECRETS_USER: frozenset({VAULT_TYPE, SECRET_TYPE}),
     KV_SECRETS_OFFICER: frozenset({VAULT_TYPE}),
     STORAGE_BLOB_DATA_OWNER: frozenset({STORAGE_TYPE, CONTAINER_TYPE}),
@@ -121,6 +128,33 @@ KEY_VAULT_REFERENCE = "@Microsoft.KeyVault(SecretUri="
 
 SKIP_COMMENT = re.compile(r"checkov:skip=([A-Za-z0-9_,-]*)(?::(.*))?")
 MIN_REASON_LENGTH = 15
+
+#: azd's ``${NAME}`` / ``${NAME=default}`` substitution in main.parameters.json.
+AZD_ENV_REFERENCE = re.compile(r"\$\{(\w+)(?:=([^}]*))?\}")
+#: Length of the password azd's secretOrRandomPassword generates when the secret does not exist yet:
+#: 5 lower + 5 upper + 5 digits (Azure/azure-dev cli/azd/pkg/cmdsubst/secretOrRandomPassword.go).
+AZD_RANDOM_PASSWORD_LENGTH = 15
+#: Python versions the Flex Consumption runtime parameter must offer, and its default.
+PYTHON_VERSIONS = ("3.11", "3.12")
+DEFAULT_PYTHON_VERSION = "3.11"
+#: What .funcignore must keep out of the deployment package (local state, secrets, tooling).
+FUNCIGNORE_REQUIRED = (
+    ".leadwriter/",
+    "local.settings.json",
+    ".git*",
+    "tests/",
+    ".venv*/",
+    "node_modules/",
+    "__pycache__/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".pytest_cache/",
+    ".hypothesis/",
+    "docs/",
+    "samples/",
+)
+#: Time budgeted to settle one message of a write batch (complete, or send its replacement first).
+SETTLE_PER_MESSAGE = timedelta(milliseconds=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +484,19 @@ class _Outputs:
         self.template = template
 
 
+def _azd_value(value: object) -> object:
+    """A main.parameters.json value as azd passes it when the environment sets nothing: a lone
+    ``${NAME=default}`` becomes its default, ``${NAME}`` (or ``$(command …)``) stays unknown."""
+    if not isinstance(value, str):
+        return value
+    match = AZD_ENV_REFERENCE.fullmatch(value.strip())
+    if match:
+        return match.group(2) if match.group(2) is not None else Unknown(f"azd env {match.group(1)}")
+    if value.strip().startswith("$("):
+        return Unknown(f"azd command {value.strip()}")
+    return value
+
+
 def load_deployment(infra_dir: Path | None = None) -> Deployment:
     """Parse and evaluate ``main.bicep`` and every module it reaches, with ``main.parameters.json``.
 
@@ -460,7 +507,7 @@ def load_deployment(infra_dir: Path | None = None) -> Deployment:
     args: dict[str, object] = {}
     if parameters_file.exists():
         parameters = json.loads(parameters_file.read_text()).get("parameters", {})
-        args = {name: entry["value"] for name, entry in parameters.items() if "value" in entry}
+        args = {name: _azd_value(entry["value"]) for name, entry in parameters.items() if "value" in entry}
     deployment = Deployment(infra_dir=infra_dir)
     parser = BicepParser()
     pending = [_Template(deployment, infra_dir / "main.bicep", args, parser)]
@@ -635,6 +682,169 @@ def check_storage(deployment: Deployment) -> list[str]:
     return problems
 
 
+def check_tables(deployment: Deployment) -> list[str]:
+    """The state port's tables exist in the storage account, exactly shared/names.py STATE_TABLES, and
+    the app is pointed at that account's Table endpoint."""
+    problems = []
+    services = deployment.of_type(TABLE_SERVICE_TYPE)
+    if len(services) != 1:
+        problems.append(f"expected one Table service (tableServices 'default'), found {len(services)}")
+    found = tuple(str(table.name) for table in deployment.of_type(TABLE_TYPE))
+    if found != names.STATE_TABLES:
+        problems.append(f"tables {found} differ from shared/names.py STATE_TABLES {names.STATE_TABLES}")
+    for name in found:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", name):
+            problems.append(f"table {name!r}: Table names are 3-63 letters and digits, starting with a letter")
+    try:
+        settings = bicep_app_settings(deployment)
+    except LookupError:
+        return problems
+    url = settings.get("LEADWRITER_TABLES_URL")
+    if isinstance(url, str):
+        # A literal cannot follow the account's name or the cloud's storage suffix.
+        problems.append(
+            f"app setting LEADWRITER_TABLES_URL must come from the storage account's primaryEndpoints.table, "
+            f"not the literal {url!r}"
+        )
+    elif url is not None and "primaryEndpoints.table" not in str(url):
+        problems.append(
+            f"app setting LEADWRITER_TABLES_URL must be the storage account's primaryEndpoints.table, is {url}"
+        )
+    return problems
+
+
+def _main_template(deployment: Deployment) -> Mapping[str, Any]:
+    return deployment.files.get((deployment.infra_dir / "main.bicep").resolve(), {})
+
+
+def _identifiers(expr: object) -> set[str]:
+    """Every identifier an expression mentions, interpolations and function arguments included."""
+    if isinstance(expr, str):
+        found = set(re.findall(r"[A-Za-z_]\w*", expr)) if "${" in expr or isinstance(expr, BicepElement) else set()
+        if isinstance(expr, BicepElement):
+            found.add(str(expr))
+        return found
+    if isinstance(expr, list):
+        return set().union(*(_identifiers(item) for item in expr)) if expr else set()
+    if isinstance(expr, dict):
+        return set().union(*(_identifiers(value) for value in expr.values())) if expr else set()
+    return set()
+
+
+def _depends_on(parsed: Mapping[str, Any], expr: object, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The parameters ``expr`` depends on, following variables."""
+    params: set[str] = set()
+    for name in _identifiers(expr) - seen:
+        if name in parsed.get("parameters", {}):
+            params.add(name)
+        elif name in parsed.get("variables", {}):
+            params |= _depends_on(parsed, parsed["variables"][name]["value"], seen | {name})
+    return params
+
+
+def _parameter_file(deployment: Deployment) -> dict[str, object]:
+    path = deployment.infra_dir / "main.parameters.json"
+    if not path.exists():
+        return {}
+    parameters = json.loads(path.read_text()).get("parameters", {})
+    return {name: entry.get("value") for name, entry in parameters.items()}
+
+
+def check_key_vault_name(deployment: Deployment) -> list[str]:
+    """A second ``azd up`` after ``azd down`` must not collide with the soft-deleted, purge-protected vault:
+    the vault's name depends on a generation parameter that azd takes from the environment, so
+    ``azd env set`` can move it to a fresh name, and that parameter does not name anything else."""
+    parsed = _main_template(deployment)
+    module = parsed.get("modules", {}).get("keyVault", {})
+    config = module.get("config", {}) if isinstance(module, dict) else {}
+    name_expr = config.get("params", {}).get("name") if isinstance(config, dict) else None
+    if name_expr is None:
+        return ["main.bicep: no keyVault module with a name parameter"]
+    standard = {"environmentName", "location", "principalId", "principalType"}
+    salts = _depends_on(parsed, name_expr) - standard
+    if not salts:
+        return [
+            "main.bicep: the Key Vault name depends only on the environment and region, so the next `azd up` "
+            "after `azd down` collides with the soft-deleted vault for 90 days; derive it from a "
+            "generation parameter as well (docs/deploy.md)"
+        ]
+    problems = []
+    file_values = _parameter_file(deployment)
+    for salt in sorted(salts):
+        value = file_values.get(salt)
+        if not (isinstance(value, str) and AZD_ENV_REFERENCE.fullmatch(value.strip())):
+            problems.append(
+                f"main.parameters.json: {salt} (in the Key Vault name) must come from the azd environment, "
+                f"e.g. \"${{LEADWRITER_KEYVAULT_GENERATION=1}}\", so `azd env set` can bump it; is {value!r}"
+            )
+    # The other resources keep their names across generations (nothing else is soft-deleted this way).
+    for symbol, entry in parsed.get("modules", {}).items():
+        if symbol == "keyVault" or not isinstance(entry.get("config"), dict):
+            continue
+        other = entry["config"].get("params", {}).get("name")
+        if other is not None and _depends_on(parsed, other) & salts:
+            problems.append(f"main.bicep: module {symbol}'s name depends on the Key Vault generation too")
+    return problems
+
+
+def check_admin_key_generation(deployment: Deployment) -> list[str]:
+    """azd's first secretOrRandomPassword is 15 characters, and the app refuses admin keys under 32:
+    the parameter must accept 15, and what Key Vault stores must be lengthened with fresh entropy."""
+    parsed = _main_template(deployment)
+    file_values = _parameter_file(deployment)
+    module = parsed.get("modules", {}).get("keyVault", {})
+    config = module.get("config", {}) if isinstance(module, dict) else {}
+    value_expr = config.get("params", {}).get("adminKey") if isinstance(config, dict) else None
+    if value_expr is None:
+        return ["main.bicep: the keyVault module gets no adminKey"]
+    problems = []
+    from_azd = {
+        name
+        for name, value in file_values.items()
+        if isinstance(value, str) and "secretOrRandomPassword" in value and name in parsed.get("parameters", {})
+    }
+    for name in sorted(from_azd):
+        minimum = _decorator(parsed["parameters"][name], "min_length")
+        if isinstance(minimum, int) and minimum > AZD_RANDOM_PASSWORD_LENGTH:
+            problems.append(
+                f"main.bicep: param {name} has @minLength({minimum}), but azd's secretOrRandomPassword generates "
+                f"{AZD_RANDOM_PASSWORD_LENGTH} characters: the first provision would fail"
+            )
+    sources = _depends_on(parsed, value_expr)
+    if sources & from_azd:
+        entropy = {name for name in sources if _is_fresh_secret(parsed["parameters"][name])}
+        if not entropy:
+            problems.append(
+                f"main.bicep: the admin key written to Key Vault is azd's {AZD_RANDOM_PASSWORD_LENGTH}-character "
+                f"password as it is, shorter than the {Settings.model_fields['admin_key'].alias} minimum of "
+                "32: lengthen a short one with a @secure() parameter that defaults to newGuid()"
+            )
+    return problems
+
+
+def _is_fresh_secret(param: Mapping[str, Any]) -> bool:
+    """A @secure() parameter that defaults to newGuid(): fresh entropy on every deployment."""
+    default = param.get("default")
+    secure = any(isinstance(d, dict) and d.get("type") == "secure" for d in param.get("decorators", []))
+    return secure and isinstance(default, dict) and default.get("function", {}).get("type") == "new_guid"
+
+
+def check_funcignore(funcignore: Path) -> list[str]:
+    """The deployment package leaves out local state, secrets, tests and tooling."""
+    try:
+        lines = {line.strip() for line in funcignore.read_text().splitlines()}
+    except OSError as exc:
+        return [f".funcignore: cannot read it: {exc}"]
+    entries = {line for line in lines if line and not line.startswith("#")}
+    return [
+        f".funcignore: {entry!r} is missing (it would be deployed)"
+        for entry in FUNCIGNORE_REQUIRED
+        if entry not in entries and entry.rstrip("/") not in entries
+    ] + [f".funcignore: {entry!r} would leave out code the app imports" for entry in sorted(entries) if entry in (
+        "shared/", "shared", "functions/", "functions", "function_app.py", "host.json", "requirements.txt",
+    )]
+
+
 def check_monitoring(deployment: Deployment) -> list[str]:
     """Workspace-based Application Insights that accepts Entra-authenticated telemetry only."""
     components = deployment.of_type(COMPONENT_TYPE)
@@ -675,8 +885,11 @@ def check_function_app(deployment: Deployment) -> list[str]:
     config = props.get("functionAppConfig", {})
     config = config if isinstance(config, dict) else {}
     runtime = config.get("runtime", {})
-    if runtime != {"name": "python", "version": "3.11"}:
-        problems.append(f"functionAppConfig.runtime must be python 3.11, is {runtime!r}")
+    if not isinstance(runtime, dict) or (runtime.get("name"), runtime.get("version")) not in {
+        ("python", version) for version in PYTHON_VERSIONS
+    }:
+        problems.append(f"functionAppConfig.runtime must be python {' or '.join(PYTHON_VERSIONS)}, is {runtime!r}")
+    problems.extend(_check_python_parameters(deployment))
     storage = (
         config.get("deployment", {}).get("storage", {}) if isinstance(config.get("deployment"), dict) else {}
     )
@@ -705,6 +918,34 @@ def check_function_app(deployment: Deployment) -> list[str]:
     return problems
 
 
+def _decorator(param: Mapping[str, Any], kind: str) -> object:
+    for decorator in param.get("decorators", []):
+        if isinstance(decorator, dict) and decorator.get("type") == kind:
+            return decorator.get("argument")
+    return None
+
+
+def _check_python_parameters(deployment: Deployment) -> list[str]:
+    """Every Bicep parameter that carries the Python version offers exactly 3.11 and 3.12, default 3.11."""
+    problems = []
+    found = False
+    for path, parsed in deployment.files.items():
+        for name, param in parsed.get("parameters", {}).items():
+            if name not in ("pythonVersion", "runtimeVersion"):
+                continue
+            found = True
+            allowed = _decorator(param, "allowed")
+            if not isinstance(allowed, list) or tuple(str(v) for v in allowed) != PYTHON_VERSIONS:
+                problems.append(f"{path.name}: param {name} must be @allowed({list(PYTHON_VERSIONS)}), is {allowed!r}")
+            if param.get("default") != DEFAULT_PYTHON_VERSION:
+                problems.append(
+                    f"{path.name}: param {name} must default to {DEFAULT_PYTHON_VERSION}, is {param.get('default')!r}"
+                )
+    if not found:
+        problems.append("no pythonVersion/runtimeVersion parameter: the Python version must be a parameter")
+    return problems
+
+
 def check_app_settings(deployment: Deployment) -> list[str]:
     """Every stable setting of architecture §8 wired for Azure; LEADWRITER_* names are Settings aliases."""
     try:
@@ -717,6 +958,8 @@ def check_app_settings(deployment: Deployment) -> list[str]:
         "LEADWRITER_QUEUE_BACKEND": "servicebus",
         "LEADWRITER_SECRET_BACKEND": "keyvault",
         "LEADWRITER_CRM_ALLOWED_HOSTS": "",
+        "LEADWRITER_WEBHOOK_ALLOWED_HOSTS": "",
+        "LEADWRITER_STATE_BACKEND": "tables",
         f"{connection}__credential": "managedidentity",
         "AzureWebJobsStorage__credential": "managedidentity",
     }
@@ -726,6 +969,7 @@ def check_app_settings(deployment: Deployment) -> list[str]:
     required = (
         "KEYVAULT_URL",
         "LEADWRITER_ADMIN_KEY",
+        "LEADWRITER_TABLES_URL",
         "LEADWRITER_SOLUTION_NAME",
         "LEADWRITER_MIN_SOLUTION_VERSION",
         f"{connection}__fullyQualifiedNamespace",
@@ -745,10 +989,24 @@ def check_app_settings(deployment: Deployment) -> list[str]:
     aliases = {f.alias for f in Settings.model_fields.values() if f.alias}
     unknown = sorted(key for key in settings if key.startswith("LEADWRITER_") and key not in aliases)
     problems.extend(f"app setting {key} is not a setting of shared/settings.Settings" for key in unknown)
-    # The literal values must also be values Settings accepts, or the app would fail at start.
-    literal = {key: value for key, value in settings.items() if key in aliases and isinstance(value, str)}
-    for key in ("KEYVAULT_URL", f"{connection}__fullyQualifiedNamespace"):
-        literal.setdefault(key, "resolved-at-deployment")
+    if "LEADWRITER_TABLES_CONNECTION_STRING" in settings:
+        problems.append(
+            "app setting LEADWRITER_TABLES_CONNECTION_STRING is for Azurite; in Azure use LEADWRITER_TABLES_URL"
+        )
+    # The literal values must also be values Settings accepts, or the app would fail at start. Key
+    # Vault references are resolved by the host before the app reads them; Settings refuses the
+    # literal reference, as it should when the host could not resolve it.
+    literal = {
+        key: value
+        for key, value in settings.items()
+        if key in aliases and isinstance(value, str) and not value.startswith(KEY_VAULT_REFERENCE)
+    }
+    for key, placeholder in (
+        ("KEYVAULT_URL", "https://resolved-at-deployment.vault.azure.net"),
+        (f"{connection}__fullyQualifiedNamespace", "resolved-at-deployment.servicebus.windows.net"),
+        ("LEADWRITER_TABLES_URL", "https://resolved-at-deployment.table.core.windows.net"),
+    ):
+        literal.setdefault(key, placeholder)
     try:
         Settings.from_env(literal)
     except Exception as exc:
@@ -801,6 +1059,14 @@ def check_rbac(deployment: Deployment) -> list[str]:
         for role in sorted(roles):
             if (role, QUEUE_TYPE, queue) not in granted:
                 problems.append(f"missing {ROLE_NAMES[role]} on queue {queue}")
+        if (SB_DATA_OWNER, QUEUE_TYPE, queue) not in granted:
+            problems.append(
+                f"missing {ROLE_NAMES[SB_DATA_OWNER]} on queue {queue}: the scale controller needs Manage "
+                "rights to read the queue length for target-based scaling"
+            )
+    for table in names.STATE_TABLES:
+        if (STORAGE_TABLE_DATA_CONTRIBUTOR, TABLE_TYPE, table) not in granted:
+            problems.append(f"missing {ROLE_NAMES[STORAGE_TABLE_DATA_CONTRIBUTOR]} on table {table}")
     for role, scope_type in (
         (KV_SECRETS_OFFICER, VAULT_TYPE),
         (STORAGE_BLOB_DATA_OWNER, STORAGE_TYPE),
@@ -925,6 +1191,11 @@ def check_host_json(deployment: Deployment, host_json: Path) -> list[str]:
         problems.append("host.json: extensions.serviceBus.maxConcurrentCalls must be a positive integer")
     defaults = Settings()
     one_request = timedelta(seconds=defaults.crm_connect_timeout + defaults.crm_read_timeout)
+    batch_size = bus.get("maxMessageBatchSize", 1000)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append("host.json: extensions.serviceBus.maxMessageBatchSize must be a positive integer")
+        batch_size = 1000
+    write_batch = worst_case_write_batch(batch_size, defaults.max_batch, one_request)
     for queue in deployment.of_type(QUEUE_TYPE):
         lock = _iso_duration(queue.properties.get("lockDuration"))
         if lock is None:
@@ -939,7 +1210,25 @@ def check_host_json(deployment: Deployment, host_json: Path) -> list[str]:
                 f"queue {queue.name}: lockDuration {lock} does not outlast one CRM request "
                 f"(connect + read timeout {one_request})"
             )
+        if queue.name == names.QUEUE_READY and lock < write_batch:
+            problems.append(
+                f"queue {queue.name}: lockDuration {lock} does not fit the worst-case write batch {write_batch} "
+                f"(host.json maxMessageBatchSize {batch_size} as $batch requests of up to {defaults.max_batch}, "
+                f"each with a fresh-token retry, {one_request} per request, plus settling): host.json lock "
+                "renewal does not apply to batches"
+            )
+        wait = _timespan(bus.get("maxBatchWaitTime")) if "maxBatchWaitTime" in bus else None
+        if wait is not None and wait > lock / 2:
+            problems.append(f"host.json: maxBatchWaitTime {wait} exceeds half of queue {queue.name}'s lock {lock}")
     return problems
+
+
+def worst_case_write_batch(batch_size: int, max_batch: int, one_request: timedelta) -> timedelta:
+    """How long the write stage may hold one batch of ``batch_size`` messages of one publisher: its
+    ``$batch`` requests of up to ``max_batch`` leads one after another, each tried twice (the second
+    time after a fresh token, which is one more request), then settling every message."""
+    chunks = math.ceil(batch_size / max_batch)
+    return chunks * 2 * one_request + one_request + batch_size * SETTLE_PER_MESSAGE
 
 
 def check_azure_yaml(azure_yaml: Path) -> list[str]:
@@ -971,6 +1260,9 @@ def run_all(root: Path = REPO_ROOT) -> list[str]:
         check_service_bus,
         check_key_vault,
         check_storage,
+        check_tables,
+        check_key_vault_name,
+        check_admin_key_generation,
         check_monitoring,
         check_function_app,
         check_app_settings,
@@ -981,6 +1273,7 @@ def run_all(root: Path = REPO_ROOT) -> list[str]:
     problems.extend(check_suppressions(root / "infra"))
     problems.extend(check_host_json(deployment, root / "host.json"))
     problems.extend(check_azure_yaml(root / "azure.yaml"))
+    problems.extend(check_funcignore(root / ".funcignore"))
     return problems
 
 

@@ -31,6 +31,7 @@ def copy(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "infra", tmp_path / "infra")
     shutil.copy(ROOT / "host.json", tmp_path / "host.json")
     shutil.copy(ROOT / "azure.yaml", tmp_path / "azure.yaml")
+    shutil.copy(ROOT / ".funcignore", tmp_path / ".funcignore")
     return tmp_path
 
 
@@ -89,7 +90,7 @@ def test_host_json_renews_locks_for_the_whole_function_timeout(deployment: check
         assert lock <= renewal
 
 
-def test_the_app_identity_gets_receive_and_send_on_each_queue_and_nothing_namespace_wide(
+def test_the_app_identity_gets_receive_send_and_scale_rights_on_each_queue_and_nothing_namespace_wide(
     deployment: checks.Deployment,
 ) -> None:
     grants = set()
@@ -102,8 +103,49 @@ def test_the_app_identity_gets_receive_and_send_on_each_queue_and_nothing_namesp
     for queue in names.STAGE_QUEUES:
         assert (checks.SB_DATA_RECEIVER, checks.QUEUE_TYPE, queue) in grants
         assert (checks.SB_DATA_SENDER, checks.QUEUE_TYPE, queue) in grants
-    assert all(role != checks.SB_DATA_OWNER for role, _, _ in grants)
+        # The scale controller reads the queue length with this identity (Manage rights).
+        assert (checks.SB_DATA_OWNER, checks.QUEUE_TYPE, queue) in grants
+    owner_scopes = {scope_type for role, scope_type, _ in grants if role == checks.SB_DATA_OWNER}
+    assert owner_scopes == {checks.QUEUE_TYPE}
     assert all(scope_type != checks.NAMESPACE_TYPE for _, scope_type, _ in grants)
+
+
+def test_the_app_identity_gets_table_data_rights_on_each_state_table_only(deployment: checks.Deployment) -> None:
+    table_grants = set()
+    for assignment in deployment.of_type(checks.ROLE_ASSIGNMENT_TYPE):
+        role = checks.GUID.search(str(assignment.properties["roleDefinitionId"]))
+        scope = assignment.config.get("scope")
+        assert role is not None
+        assert isinstance(scope, checks.ResourceRef)
+        if role.group(0) == checks.STORAGE_TABLE_DATA_CONTRIBUTOR:
+            table_grants.add((scope.type, str(scope.name)))
+    assert table_grants == {(checks.TABLE_TYPE, table) for table in names.STATE_TABLES}
+
+
+def test_bicep_creates_the_state_tables_of_names_py(deployment: checks.Deployment) -> None:
+    assert tuple(str(t.name) for t in deployment.of_type(checks.TABLE_TYPE)) == names.STATE_TABLES
+
+
+def test_the_app_uses_table_storage_through_its_identity(deployment: checks.Deployment) -> None:
+    settings = checks.bicep_app_settings(deployment)
+    assert settings["LEADWRITER_STATE_BACKEND"] == "tables"
+    assert "primaryEndpoints.table" in str(settings["LEADWRITER_TABLES_URL"])
+    assert "LEADWRITER_TABLES_CONNECTION_STRING" not in settings
+
+
+def test_the_leads_ready_lock_fits_the_worst_case_write_batch(deployment: checks.Deployment) -> None:
+    host = json.loads((ROOT / "host.json").read_text())
+    defaults = Settings()
+    one_request = checks.timedelta(seconds=defaults.crm_connect_timeout + defaults.crm_read_timeout)
+    needed = checks.worst_case_write_batch(
+        host["extensions"]["serviceBus"]["maxMessageBatchSize"], defaults.max_batch, one_request
+    )
+    # 100 leads as one $batch: 35 s, a fresh token 35 s, the retry 35 s, settling 10 s.
+    assert needed == checks.timedelta(seconds=115)
+    (ready,) = [q for q in deployment.of_type(checks.QUEUE_TYPE) if q.name == names.QUEUE_READY]
+    lock = checks._iso_duration(ready.properties["lockDuration"])
+    assert lock is not None
+    assert needed <= lock <= checks.timedelta(minutes=5)
 
 
 NAMESPACE_DATA_OWNER = """
@@ -150,8 +192,8 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
     (
         "queue_renamed_away_from_names_py",
         "infra/main.bicep",
-        "{ name: 'leads-ready', lockDuration: 'PT1M' }",
-        "{ name: 'leads-write', lockDuration: 'PT1M' }",
+        "{ name: 'leads-ready', lockDuration: 'PT3M' }",
+        "{ name: 'leads-write', lockDuration: 'PT3M' }",
         checks.check_queues,
         "STAGE_QUEUES",
     ),
@@ -280,10 +322,148 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
     (
         "python_runtime_drifts",
         "infra/app/api.bicep",
-        "runtimeVersion: '3.11'",
-        "runtimeVersion: '3.12'",
+        "runtimeVersion: pythonVersion",
+        "runtimeVersion: '3.10'",
         checks.check_function_app,
-        "python 3.11",
+        "python 3.11 or 3.12",
+    ),
+    (
+        "python_3_12_no_longer_allowed",
+        "infra/core/host/functions-flexconsumption.bicep",
+        "@allowed(['3.11', '3.12'])\nparam runtimeVersion",
+        "@allowed(['3.11'])\nparam runtimeVersion",
+        checks.check_function_app,
+        "param runtimeVersion must be @allowed(['3.11', '3.12'])",
+    ),
+    (
+        "python_default_moves_to_3_12",
+        "infra/main.bicep",
+        "param pythonVersion string = '3.11'",
+        "param pythonVersion string = '3.12'",
+        checks.check_function_app,
+        "param pythonVersion must default to 3.11",
+    ),
+    (
+        "state_tables_drift_from_names_py",
+        "infra/main.bicep",
+        "  'replayjobs'\n]",
+        "  'replays'\n]",
+        checks.check_tables,
+        "STATE_TABLES",
+    ),
+    (
+        "a_state_table_left_without_a_role",
+        "infra/main.bicep",
+        "    tableNames: stateTables\n    applicationInsightsName",
+        "    tableNames: ['leaddeliveries']\n    applicationInsightsName",
+        checks.check_rbac,
+        "missing Storage Table Data Contributor on table crmlimits",
+    ),
+    (
+        "table_role_on_the_whole_account",
+        "infra/app/rbac.bicep",
+        "  name: guid(tables[i].id, appPrincipalId, roles.storageTableDataContributor)\n  scope: tables[i]",
+        "  name: guid(tables[i].id, appPrincipalId, roles.storageTableDataContributor)\n  scope: storage",
+        checks.check_rbac,
+        "Storage Table Data Contributor granted on Microsoft.Storage/storageAccounts",
+    ),
+    (
+        "state_on_the_embedded_backend_in_azure",
+        "infra/app/api.bicep",
+        "LEADWRITER_STATE_BACKEND: 'tables'",
+        "LEADWRITER_STATE_BACKEND: 'embedded'",
+        checks.check_app_settings,
+        "LEADWRITER_STATE_BACKEND",
+    ),
+    (
+        "tables_url_missing",
+        "infra/app/api.bicep",
+        "      LEADWRITER_TABLES_URL: tablesUrl\n",
+        "",
+        checks.check_app_settings,
+        "app setting LEADWRITER_TABLES_URL is missing",
+    ),
+    (
+        "tables_url_hard_coded",
+        "infra/app/api.bicep",
+        "LEADWRITER_TABLES_URL: tablesUrl",
+        "LEADWRITER_TABLES_URL: 'https://stprod.table.core.windows.net'",
+        checks.check_tables,
+        "primaryEndpoints.table",
+    ),
+    (
+        "tables_through_a_connection_string",
+        "infra/app/api.bicep",
+        "LEADWRITER_TABLES_URL: tablesUrl",
+        "LEADWRITER_TABLES_URL: tablesUrl\n      LEADWRITER_TABLES_CONNECTION_STRING: 'UseDevelopmentStorage=true'",
+        checks.check_no_secrets,
+        "LEADWRITER_TABLES_CONNECTION_STRING is a connection string",
+    ),
+    (
+        "webhook_test_receivers_allowed_in_azure",
+        "infra/app/api.bicep",
+        "LEADWRITER_WEBHOOK_ALLOWED_HOSTS: ''",
+        "LEADWRITER_WEBHOOK_ALLOWED_HOSTS: '127.0.0.1:*'",
+        checks.check_app_settings,
+        "LEADWRITER_WEBHOOK_ALLOWED_HOSTS",
+    ),
+    (
+        "scale_controller_without_manage_rights",
+        "infra/app/rbac.bicep",
+        "roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+        "roles.serviceBusDataOwner)",
+        "roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+        "roles.serviceBusDataReceiver)",
+        checks.check_rbac,
+        "missing Azure Service Bus Data Owner on queue leads-incoming: the scale controller",
+    ),
+    (
+        "data_owner_on_the_namespace",
+        "infra/app/rbac.bicep",
+        "  name: guid(queues[i].id, appPrincipalId, roles.serviceBusDataOwner)\n  scope: queues[i]",
+        "  name: guid(queues[i].id, appPrincipalId, roles.serviceBusDataOwner)\n  scope: serviceBus",
+        checks.check_rbac,
+        "Azure Service Bus Data Owner granted on the namespace",
+    ),
+    (
+        "key_vault_name_without_a_generation",
+        "infra/main.bicep",
+        "name: '${abbrs.keyVaultVaults}${keyVaultToken}'",
+        "name: '${abbrs.keyVaultVaults}${resourceToken}'",
+        checks.check_key_vault_name,
+        "collides with the soft-deleted vault",
+    ),
+    (
+        "key_vault_generation_not_settable_with_azd_env",
+        "infra/main.parameters.json",
+        '"value": "${LEADWRITER_KEYVAULT_GENERATION=1}"',
+        '"value": "1"',
+        checks.check_key_vault_name,
+        "keyVaultGeneration (in the Key Vault name) must come from the azd environment",
+    ),
+    (
+        "every_name_changes_with_the_key_vault_generation",
+        "infra/main.bicep",
+        "var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))",
+        "var resourceToken = toLower(uniqueString(subscription().id, environmentName, location, keyVaultGeneration))",
+        checks.check_key_vault_name,
+        "depends on the Key Vault generation too",
+    ),
+    (
+        "admin_key_minimum_above_what_azd_generates",
+        "infra/main.bicep",
+        "@minLength(15)\n@description('Admin key",
+        "@minLength(16)\n@description('Admin key",
+        checks.check_admin_key_generation,
+        "azd's secretOrRandomPassword generates 15 characters",
+    ),
+    (
+        "admin_key_stored_as_azd_generates_it",
+        "infra/main.bicep",
+        "    adminKey: adminKeyValue",
+        "    adminKey: adminKey",
+        checks.check_admin_key_generation,
+        "shorter than the LEADWRITER_ADMIN_KEY minimum of 32",
     ),
     (
         "unknown_leadwriter_setting",
@@ -369,11 +549,71 @@ def test_a_lock_shorter_than_one_crm_request_is_reported(copy: Path) -> None:
     edit(
         copy,
         "infra/main.bicep",
-        "{ name: 'leads-ready', lockDuration: 'PT1M' }",
-        "{ name: 'leads-ready', lockDuration: 'PT30S' }",
+        "{ name: 'leads-validated', lockDuration: 'PT1M' }",
+        "{ name: 'leads-validated', lockDuration: 'PT30S' }",
     )
     problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
     assert any("does not outlast one CRM request" in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("relative", "old", "new"),
+    [
+        pytest.param(
+            "infra/main.bicep",
+            "{ name: 'leads-ready', lockDuration: 'PT3M' }",
+            "{ name: 'leads-ready', lockDuration: 'PT1M' }",
+            id="ready_lock_back_to_one_minute",
+        ),
+        pytest.param(
+            "host.json",
+            '"maxMessageBatchSize": 100',
+            '"maxMessageBatchSize": 500',
+            id="host_batch_larger_than_one_crm_batch",
+        ),
+    ],
+)
+def test_a_ready_lock_too_short_for_the_write_batch_is_reported(copy: Path, relative: str, old: str, new: str) -> None:
+    edit(copy, relative, old, new)
+    problems = checks.check_host_json(checks.load_deployment(copy / "infra"), copy / "host.json")
+    assert any("does not fit the worst-case write batch" in problem for problem in problems), problems
+    assert checks.run_all(copy), "run_all must fail too"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param(".leadwriter/\n", "", "'.leadwriter/' is missing", id="local_data_dir_deployed"),
+        pytest.param("local.settings.json\n", "", "'local.settings.json' is missing", id="local_settings_deployed"),
+        pytest.param("tests/\n", "", "'tests/' is missing", id="tests_deployed"),
+        pytest.param(".venv*/\n", "", "'.venv*/' is missing", id="virtualenvs_deployed"),
+        pytest.param("samples/\n", "samples/\nshared/\n", "'shared/' would leave out code", id="code_left_out"),
+    ],
+)
+def test_a_funcignore_that_deploys_local_state_or_drops_code_is_reported(
+    copy: Path, old: str, new: str, expected: str
+) -> None:
+    edit(copy, ".funcignore", old, new)
+    problems = checks.check_funcignore(copy / ".funcignore")
+    assert any(expected in problem for problem in problems), problems
+    assert checks.run_all(copy), "run_all must fail too"
+
+
+def test_funcignore_keeps_every_required_entry_out() -> None:
+    assert checks.check_funcignore(ROOT / ".funcignore") == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("${LEADWRITER_KEYVAULT_GENERATION=1}", "1"),
+        ("${AZURE_ENV_NAME}", checks.Unknown("azd env AZURE_ENV_NAME")),
+        ("plain", "plain"),
+        (4, 4),
+    ],
+)
+def test_main_parameters_values_read_as_azd_substitutes_them(value: object, expected: object) -> None:
+    assert checks._azd_value(value) == expected
 
 
 def test_azure_yaml_must_deploy_api_as_a_python_function(copy: Path) -> None:

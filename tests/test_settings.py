@@ -12,9 +12,14 @@ from shared.settings import (
     DEFAULT_AUTHORITY_HOST,
     DEFAULT_MIN_SOLUTION_VERSION,
     DEFAULT_SOLUTION_NAME,
+    GENERATE_ADMIN_KEY,
     Settings,
+    is_strong_admin_key,
     parse_version,
 )
+
+#: A key as `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'` prints one (43 characters).
+STRONG_KEY = "kq3V-x8rT0bZ_mW2nLp7YcHs4uJd9FgE1aRvQoNi6tK"
 
 
 def test_defaults_need_no_environment_at_all() -> None:
@@ -35,6 +40,11 @@ def test_defaults_need_no_environment_at_all() -> None:
     # Below Dataverse's 52 concurrent requests per user, so one process never trips that limit alone.
     assert 1 <= settings.publisher_concurrency < 52
     assert settings.log_level == "INFO"
+    assert settings.runtime == "embedded"
+    assert settings.state_backend == "embedded"
+    assert settings.tables_url is None
+    assert settings.tables_connection_string is None
+    assert settings.webhook_allowed_hosts == ()
 
 
 def test_values_come_from_the_named_variables() -> None:
@@ -45,7 +55,7 @@ def test_values_come_from_the_named_variables() -> None:
             "ServiceBusConnection__fullyQualifiedNamespace": "contoso-leads.servicebus.windows.net",
             "LEADWRITER_SECRET_BACKEND": "keyvault",
             "KEYVAULT_URL": "https://contoso-leads.vault.azure.net/",
-            "LEADWRITER_ADMIN_KEY": "admin-key-value",
+            "LEADWRITER_ADMIN_KEY": STRONG_KEY,
             "LEADWRITER_SOLUTION_NAME": "OtherSolution",
             "LEADWRITER_MIN_SOLUTION_VERSION": "1.10",
             "REQUESTS_CA_BUNDLE": "/tmp/ca.pem",
@@ -63,7 +73,7 @@ def test_values_come_from_the_named_variables() -> None:
     assert settings.secret_backend == "keyvault"
     assert settings.keyvault_url == "https://contoso-leads.vault.azure.net/"
     assert settings.admin_key is not None
-    assert settings.admin_key.get_secret_value() == "admin-key-value"
+    assert settings.admin_key.get_secret_value() == STRONG_KEY
     assert settings.solution_name == "OtherSolution"
     assert settings.min_version == (1, 10, 0, 0)
     assert settings.ca_bundle == Path("/tmp/ca.pem")
@@ -114,6 +124,13 @@ def test_empty_values_mean_unset() -> None:
         ({"LEADWRITER_MAX_DELIVERY_COUNT": "0"}, "LEADWRITER_MAX_DELIVERY_COUNT"),
         ({"LEADWRITER_QUEUE_BACKEND": "servicebus"}, "ServiceBusConnection__fullyQualifiedNamespace"),
         ({"LEADWRITER_SECRET_BACKEND": "keyvault"}, "KEYVAULT_URL"),
+        ({"LEADWRITER_RUNTIME": "azure"}, "LEADWRITER_RUNTIME"),
+        ({"LEADWRITER_STATE_BACKEND": "sqlite"}, "LEADWRITER_STATE_BACKEND"),
+        ({"LEADWRITER_STATE_BACKEND": "tables"}, "LEADWRITER_TABLES_URL"),
+        ({"LEADWRITER_STATE_BACKEND": "tables"}, "LEADWRITER_TABLES_CONNECTION_STRING"),
+        ({"LEADWRITER_TABLES_URL": "http://acct.table.core.windows.net"}, "LEADWRITER_TABLES_URL"),
+        ({"LEADWRITER_TABLES_URL": "acct.table.core.windows.net"}, "LEADWRITER_TABLES_URL"),
+        ({"LEADWRITER_ADMIN_KEY": "short"}, "LEADWRITER_ADMIN_KEY"),
     ],
 )
 def test_invalid_setting_fails_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -185,13 +202,15 @@ def test_settings_object_is_frozen() -> None:
 def test_secrets_do_not_appear_in_repr() -> None:
     settings = Settings.from_env(
         {
-            "LEADWRITER_ADMIN_KEY": "admin-key-value",
+            "LEADWRITER_ADMIN_KEY": STRONG_KEY,
             "LEADWRITER_SECRET_KEY": "fernet-key-value",
             "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=ikey-value",
+            "LEADWRITER_TABLES_CONNECTION_STRING": "AccountName=devstoreaccount1;AccountKey=azurite-key-value",
         }
     )
     for text in (repr(settings), str(settings)):
-        assert "admin-key-value" not in text
+        assert STRONG_KEY not in text
+        assert "azurite-key-value" not in text
         assert "fernet-key-value" not in text
         assert "ikey-value" not in text
 
@@ -243,3 +262,124 @@ def test_the_authority_host_is_normalised(value: str, expected: str) -> None:
 def test_an_authority_host_with_a_path_user_info_or_plain_http_is_refused(value: str) -> None:
     with pytest.raises(ConfigurationError, match="AZURE_AUTHORITY_HOST"):
         Settings.from_env({"AZURE_AUTHORITY_HOST": value})
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({"LEADWRITER_RUNTIME": "functions"}, {"runtime": "functions"}, id="functions-runtime"),
+        pytest.param(
+            {"LEADWRITER_STATE_BACKEND": "tables", "LEADWRITER_TABLES_URL": "https://Acct.table.core.windows.net/"},
+            {"state_backend": "tables", "tables_url": "https://acct.table.core.windows.net"},
+            id="tables-with-managed-identity",
+        ),
+        pytest.param(
+            {"LEADWRITER_TABLES_URL": "https://127.0.0.1:10002/devstoreaccount1/"},
+            {"tables_url": "https://127.0.0.1:10002/devstoreaccount1"},
+            id="tables-url-with-an-account-path",
+        ),
+        pytest.param(
+            {"LEADWRITER_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*, Hooks.Example:8443 ,,"},
+            {"webhook_allowed_hosts": ("127.0.0.1:*", "hooks.example:8443")},
+            id="webhook-hosts-parse-like-crm-hosts",
+        ),
+    ],
+)
+def test_new_settings_read_their_variables(environ: dict[str, str], expected: dict[str, object]) -> None:
+    settings = Settings.from_env(environ)
+    assert {name: getattr(settings, name) for name in expected} == expected
+
+
+def test_tables_backend_accepts_an_azurite_connection_string_instead_of_a_url() -> None:
+    connection = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=azurite-key-value"
+    settings = Settings.from_env(
+        {"LEADWRITER_STATE_BACKEND": "tables", "LEADWRITER_TABLES_CONNECTION_STRING": connection}
+    )
+    assert settings.tables_connection_string is not None
+    assert settings.tables_connection_string.get_secret_value() == connection
+    assert settings.tables_url is None
+
+
+def test_tables_backend_without_an_endpoint_names_both_variables() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"LEADWRITER_STATE_BACKEND": "tables"})
+    assert "LEADWRITER_TABLES_URL" in str(caught.value)
+    assert "LEADWRITER_TABLES_CONNECTION_STRING" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://acct.table.core.windows.net/?sv=2024-01-01&sig=s3cr3t-sas",
+        "https://acct.table.core.windows.net#s3cr3t",
+        "https://user:s3cr3t@acct.table.core.windows.net",
+    ],
+)
+def test_a_tables_url_with_a_sas_or_user_info_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"LEADWRITER_TABLES_URL": url})
+    assert "LEADWRITER_TABLES_URL" in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "LEADWRITER_ADMIN_KEY",
+        "KEYVAULT_URL",
+        "LEADWRITER_TABLES_URL",
+        "LEADWRITER_TABLES_CONNECTION_STRING",
+        "LEADWRITER_SOLUTION_NAME",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    ],
+)
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "@Microsoft.KeyVault(SecretUri=https://kv-x.vault.azure.net/secrets/leadwriter-admin-key)",
+        "@Microsoft.KeyVault(VaultName=kv-x;SecretName=leadwriter-admin-key)",
+        "  @microsoft.keyvault(SecretUri=https://kv-x.vault.azure.net/secrets/s/)",
+    ],
+)
+def test_an_unresolved_key_vault_reference_fails_at_start_naming_the_variable(variable: str, reference: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({variable: reference})
+    message = str(caught.value)
+    assert variable in message
+    assert "did not resolve" in message
+
+
+def test_an_unresolved_reference_never_becomes_the_admin_key() -> None:
+    # Long and varied enough to pass the strength rule: it must be refused for what it is.
+    reference = "@Microsoft.KeyVault(SecretUri=https://kv-abcdefgh.vault.azure.net/secrets/leadwriter-admin-key)"
+    assert is_strong_admin_key(reference)
+    with pytest.raises(ConfigurationError, match="LEADWRITER_ADMIN_KEY"):
+        Settings.from_env({"LEADWRITER_ADMIN_KEY": reference})
+
+
+@pytest.mark.parametrize(
+    ("key", "strong"),
+    [
+        pytest.param(STRONG_KEY, True, id="token_urlsafe-32"),
+        pytest.param("lw-admin-" + "k3y-for-tests-0123456789abcdef", True, id="the-test-key-39-chars"),
+        pytest.param("0f9c2b7e4a1d8c3b6e5f0a9d2c7b4e1f", True, id="openssl-rand-hex-16"),
+        pytest.param("Xy7-aB3_qR9zLm2K" + "pW5nV8cT1dF4gH6", False, id="31-chars"),
+        pytest.param("a" * 64, False, id="one-repeated-character"),
+        pytest.param("abcdefghijkl" * 4, False, id="one-repeated-pattern"),
+        pytest.param("ab" * 20, False, id="two-characters"),
+        pytest.param("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaab1", False, id="nearly-one-character"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_admin_key_strength(key: str, strong: bool) -> None:
+    assert is_strong_admin_key(key) is strong
+
+
+@pytest.mark.parametrize("key", ["short-key", "a" * 64, "abcdefghijkl" * 4, "admin-key-value"])
+def test_a_weak_admin_key_fails_naming_the_variable_and_how_to_generate_one(key: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"LEADWRITER_ADMIN_KEY": key})
+    message = str(caught.value)
+    assert "LEADWRITER_ADMIN_KEY" in message
+    assert GENERATE_ADMIN_KEY in message
+    assert key not in message

@@ -8,6 +8,10 @@ param appServicePlanId string
 param applicationInsightsName string
 param storageAccountName string
 param deploymentStorageContainerName string
+@description('Table endpoint of the storage account (https://<account>.table.<suffix>/): LEADWRITER_TABLES_URL. No key: the app uses its identity.')
+param tablesUrl string
+@allowed(['3.11', '3.12'])
+param pythonVersion string = '3.11'
 param identityId string
 param identityClientId string
 
@@ -36,7 +40,7 @@ module functions '../core/host/functions-flexconsumption.bicep' = {
     identityId: identityId
     identityClientId: identityClientId
     runtimeName: 'python'
-    runtimeVersion: '3.11'
+    runtimeVersion: pythonVersion
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     appSettings: {
@@ -49,14 +53,20 @@ module functions '../core/host/functions-flexconsumption.bicep' = {
       KEYVAULT_URL: keyVaultUri
       LEADWRITER_QUEUE_BACKEND: 'servicebus'
       LEADWRITER_SECRET_BACKEND: 'keyvault'
+      // State instances share (delivery status, penalties, key records, settings, replay jobs): the
+      // tables of infra/core/storage, reached with AZURE_CLIENT_ID's identity; shared keys are off.
+      LEADWRITER_STATE_BACKEND: 'tables'
+      LEADWRITER_TABLES_URL: tablesUrl
       LEADWRITER_ADMIN_KEY: '@Microsoft.KeyVault(SecretUri=${adminKeySecretUri})'
       // Only Microsoft's CRM hosts in Azure: the local-simulator escape hatch stays closed.
       LEADWRITER_CRM_ALLOWED_HOSTS: ''
+      // Likewise for alert webhooks: no local receivers in Azure.
+      LEADWRITER_WEBHOOK_ALLOWED_HOSTS: ''
       LEADWRITER_SOLUTION_NAME: solutionName
       LEADWRITER_MIN_SOLUTION_VERSION: minSolutionVersion
       LEADWRITER_PUBLISHER_CONCURRENCY: string(publisherConcurrency)
       LEADWRITER_LOG_LEVEL: 'INFO'
-      // Throttle penalties and caches; instance-local and short-lived on Flex Consumption.
+      // Instance-local caches only (shared state is in the tables above); short-lived on Flex Consumption.
       LEADWRITER_DATA_DIR: '/tmp/leadwriter'
       // The cloud's own Entra authority (sovereign clouds included), never the CRM's challenge.
       AZURE_AUTHORITY_HOST: environment().authentication.loginEndpoint

@@ -16,7 +16,8 @@ param identityClientId string
 
 @allowed(['python'])
 param runtimeName string = 'python'
-@allowed(['3.11'])
+// pyproject.toml requires Python 3.11 or later; CI here runs 3.11 only, so 3.11 stays the default.
+@allowed(['3.11', '3.12'])
 param runtimeVersion string = '3.11'
 
 @allowed([2048, 4096])

@@ -1,9 +1,12 @@
-// The Functions host's storage (AzureWebJobsStorage) and the Flex Consumption deployment container.
-// Shared keys are off: the host and azd reach it with Entra tokens only.
+// The Functions host's storage (AzureWebJobsStorage), the Flex Consumption deployment container and
+// the state port's tables (DESIGN §2). Shared keys are off: the host, azd and the app reach it with
+// Entra tokens only.
 param name string
 param location string = resourceGroup().location
 param tags object = {}
 param containerNames array = []
+@description('Tables of the state port (shared/names.py STATE_TABLES). Created here, so the app needs no right to create tables.')
+param tableNames array = []
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   // checkov:skip=CKV_AZURE_35: No VNet in this template, so the Functions host reaches its storage over the public endpoint; every request still needs an Entra token (shared keys and anonymous access are off).
@@ -46,6 +49,21 @@ resource containers 'Microsoft.Storage/storageAccounts/blobServices/containers@2
   }
 }]
 
+// Lead Writer's state (LEADWRITER_STATE_BACKEND=tables): what instances must agree on (DESIGN §2),
+// never secrets (those stay in Key Vault). The app never creates tables in Azure; these are all it uses.
+resource tableServices 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource tables 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = [for tableName in tableNames: {
+  parent: tableServices
+  name: tableName
+}]
+
 output name string = storage.name
 output id string = storage.id
 output primaryBlobEndpoint string = storage.properties.primaryEndpoints.blob
+// The Table endpoint for LEADWRITER_TABLES_URL (https://<account>.table.<storage suffix>/).
+output primaryTableEndpoint string = storage.properties.primaryEndpoints.table
+output tableNames array = [for (tableName, i) in tableNames: tables[i].name]

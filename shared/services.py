@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.crm.pacing import Pacer
-from shared.crm.penalties import FilePenaltyStore, Penalties
-from shared.names import PENALTIES_FILE, STATUS_FILE
+from shared.crm.penalties import Penalties, StatePenaltyStore
 from shared.ops.apikeys import ApiKeyStore
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
@@ -25,6 +24,8 @@ from shared.pipeline.settle import Settled
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, SecretStore
 from shared.settings import Settings
+from shared.state import make_state_store
+from shared.state.base import StateStore
 from shared.transport import make_transport
 from shared.transport.base import Transport
 
@@ -42,6 +43,7 @@ class Services:
     api_keys: ApiKeyStore
     pipeline: Pipeline
     status: StatusBook
+    state: StateStore
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -51,7 +53,11 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         secrets = make_secret_store(settings)
         connections = ConnectionStore(secrets)
-        penalties = Penalties(FilePenaltyStore(settings.data_dir / PENALTIES_FILE))
+        state = make_state_store(settings)
+        # Embedded, a penalty read is a local SQLite read: look every time. Across Azure instances
+        # (Table Storage), at most once a second per CRM user.
+        refresh = 1.0 if settings.state_backend == "tables" else 0.0
+        penalties = Penalties(StatePenaltyStore(state, refresh_interval=refresh))
         return cls(
             settings=settings,
             transport=make_transport(settings),
@@ -59,7 +65,8 @@ class Services:
             connections=connections,
             api_keys=ApiKeyStore(secrets),
             pipeline=Pipeline(settings, connections, pacer=Pacer(penalties=penalties)),
-            status=StatusBook(settings.data_dir / STATUS_FILE),
+            status=StatusBook(state),
+            state=state,
         )
 
     @property
@@ -95,7 +102,9 @@ class Services:
         return self.embedded_runtime()
 
     def close(self) -> None:
+        self.status.close()
         self.transport.close()
+        self.state.close()
 
 
 _process_lock = threading.Lock()

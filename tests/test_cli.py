@@ -20,12 +20,21 @@ from pathlib import Path
 import pytest
 
 from shared.errors import DeadLetterReason
-from shared.names import PROP_LEAD_ID, PROP_REPLAY_COUNT, QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
+from shared.names import (
+    PROP_LEAD_ID,
+    PROP_REPLAY_COUNT,
+    QUEUE_INCOMING,
+    QUEUE_READY,
+    QUEUE_VALIDATED,
+    STAGE_QUEUES,
+    STATE_FILE,
+)
 from shared.ops.status import StatusBook
 from shared.pipeline.messages import envelope
 from shared.pipeline.outcomes import Reject
 from shared.pipeline.settle import settle
 from shared.settings import Settings
+from shared.state import EmbeddedStateStore
 from shared.transport import make_transport
 from shared.transport.base import ReceivedMessage, Transport
 
@@ -330,7 +339,8 @@ def test_purge_with_yes_removes_only_the_filtered_dead_letters(seeded: Cli) -> N
 
 def fail_on_configuration(cli: Cli, publisher_id: str, times: int) -> None:
     """Dead-letter leads of ``publisher_id`` as the stage worker does: settle(), observed by the status book."""
-    status = StatusBook(Path(cli.env["LEADWRITER_DATA_DIR"]) / "status.db")
+    state = EmbeddedStateStore(Path(cli.env["LEADWRITER_DATA_DIR"]) / STATE_FILE)
+    status = StatusBook(state)
     for n in range(times):
         lead_id = f"{publisher_id}-{n}"
         cli.transport.send(QUEUE_INCOMING, [envelope(b"{}", publisher_id=publisher_id, lead_id=lead_id)])
@@ -338,6 +348,8 @@ def fail_on_configuration(cli: Cli, publisher_id: str, times: int) -> None:
         outcome = Reject(DeadLetterReason.CREDENTIALS_REJECTED, "Entra refused the password (AADSTS50126)")
         transport = cli.transport
         settle("validate_credentials", message, outcome, sender=transport, settler=transport, observer=status.observe)
+    status.close()
+    state.close()
 
 
 def test_stats_shows_depths_dead_letters_by_reason_and_publishers_failing_on_configuration(seeded: Cli) -> None:

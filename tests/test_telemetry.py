@@ -237,11 +237,11 @@ def test_services_observe_feeds_both_the_status_book_and_the_metrics(broker: Emb
             publisher_id="fabrikam",
             observer=services.observe,
         )
+        contoso, fabrikam = services.status.get("contoso"), services.status.get("fabrikam")
     finally:
         services.close()
 
-    assert services.status.get("contoso").delivered == 1
-    fabrikam = services.status.get("fabrikam")
+    assert contoso.delivered == 1
     assert fabrikam.last_error_reason == "CredentialsRejected"
     assert fabrikam.consecutive_config_failures == 1
     assert services.metrics.snapshot().total(DELIVERED) == 1
@@ -278,13 +278,14 @@ def test_the_functions_host_feeds_status_and_metrics_from_each_trigger(tmp_path:
     actions = RecordingActions()
     try:
         settled = _host.run_stage("validate_credentials", message, actions, services=services)
+        status = services.status.get("contoso")
     finally:
         services.close()
 
     assert actions.calls == [("deadletter", "InvalidLead")]
     assert settled.action == DEAD_LETTERED
     assert services.metrics.snapshot().dead_lettered == {"validate_credentials": {"InvalidLead": 1}}
-    assert services.status.get("contoso").last_error_reason == "InvalidLead"
+    assert status.last_error_reason == "InvalidLead"
 
 
 # -- the settlement log line ----------------------------------------------------------------------

@@ -7,12 +7,13 @@ penalty's end on the monotonic clock (a wall-clock step cannot cut a penalty sho
 shares it through a :class:`PenaltyStore` as a wall-clock time, bounded on the way back in:
 
 - :class:`FilePenaltyStore` — a JSON file in the data dir (the processes of one machine);
-- ``shared.state.penalties.StatePenaltyStore`` — the shared state store (every Azure instance);
+- :class:`StatePenaltyStore` — the shared state store (every process on a data dir, every Azure instance);
 - :class:`MemoryPenaltyStore` — one process only (tests, tools).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.http import MAX_RETRY_AFTER
+from shared.names import TABLE_CRM_LIMITS
+from shared.state.base import StateStore
 
 logger = logging.getLogger(__name__)
 
 #: Penalties remembered per process at most (CRM users); the oldest-ending are forgotten first.
 MAX_KEYS = 10_000
+_PENALTY_PARTITION = "penalty"
 
 
 class PenaltyStore(Protocol):
@@ -179,3 +183,34 @@ class Penalties:
         if len(table) > MAX_KEYS:
             for key in sorted(table, key=table.__getitem__)[: len(table) - MAX_KEYS]:
                 del table[key]
+
+
+class StatePenaltyStore:
+    """Penalty ends in the shared state store (table ``crmlimits``, one row per CRM user): what every
+    Azure instance, and every process on one data dir, consults. The row key is a hash of the CRM
+    user, so no user name or URL is stored; extending keeps the later end (an ETag-conditional
+    read-modify-write, so two instances meeting a 429 at once lose neither)."""
+
+    def __init__(self, store: StateStore, *, refresh_interval: float = 1.0) -> None:
+        self._store = store
+        self.refresh_interval = refresh_interval
+
+    @staticmethod
+    def row(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:48]
+
+    def read(self, key: str) -> float | None:
+        entity = self._store.get(TABLE_CRM_LIMITS, _PENALTY_PARTITION, self.row(key))
+        if entity is None:
+            return None
+        until = entity.data.get("until")
+        return float(until) if isinstance(until, int | float) else None
+
+    def extend(self, key: str, until: float) -> None:
+        def later(current: dict[str, Any] | None) -> dict[str, Any]:
+            stored = (current or {}).get("until")
+            if isinstance(stored, int | float) and stored >= until:
+                return dict(current or {})
+            return {"until": until}
+
+        self._store.update(TABLE_CRM_LIMITS, _PENALTY_PARTITION, self.row(key), later)

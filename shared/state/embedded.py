@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shared.names import STATE_FILE
 from shared.state.base import (
     DEFAULT_UPDATE_ATTEMPTS,
     Change,
@@ -44,7 +45,7 @@ from shared.state.base import (
 
 logger = logging.getLogger(__name__)
 
-DB_FILE_NAME = "state.db"
+DB_FILE_NAME = STATE_FILE
 _BUSY_TIMEOUT_S = 30.0
 
 # Table names are case-insensitive in Table Storage, so the key column holds the folded name

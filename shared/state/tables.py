@@ -164,20 +164,18 @@ class TablesStateStore:
             if client is None:
                 try:
                     client = self._service.create_table_if_not_exists(table)
+                except HttpResponseError as exc:
+                    if exc.status_code != 403:
+                        raise _table_unavailable(table, exc) from exc
+                    # In Azure, Bicep creates the tables and the app's identity holds a data role on
+                    # each one, not the right to create tables: use the table as it is.
+                    logger.debug("no right to create table %s; using it as deployed", table)
+                    client = self._service.get_table_client(table)
                 except AzureError as exc:
-                    error = _state_error("create table", repr(table), exc)
-                    # A 409 here is "being deleted" (Azure keeps a deleted table's name ~40 s), not an
-                    # entity conflict: for the caller the store is simply not ready yet.
-                    if not isinstance(error, StateUnavailable):
-                        error = StateUnavailable(
-                            f"Table Storage could not create table {table!r}",
-                            status=error.status,
-                            code=error.code,
-                            request_id=error.request_id,
-                        )
-                    raise error from exc
+                    raise _table_unavailable(table, exc) from exc
                 self._tables[folded] = client
         return client
+
 
     def _forget(self, table: str) -> None:
         with self._lock:
@@ -410,3 +408,17 @@ class TablesStateStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _table_unavailable(table: str, exc: AzureError) -> StateUnavailable:
+    error = _state_error("create table", repr(table), exc)
+    # A 409 here is "being deleted" (Azure keeps a deleted table's name ~40 s), not an entity
+    # conflict: for the caller the store is simply not ready yet.
+    if isinstance(error, StateUnavailable):
+        return error
+    return StateUnavailable(
+        f"Table Storage could not create table {table!r}",
+        status=error.status,
+        code=error.code,
+        request_id=error.request_id,
+    )

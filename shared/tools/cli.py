@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.errors import ConfigurationError, DeadLetterReason
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES, STATUS_FILE
+from shared.names import QUEUE_INCOMING, STAGE_QUEUES
 from shared.ops.deadletters import (
     UNKNOWN_REASON,
     DeadLetterFilter,
@@ -459,6 +459,7 @@ def stats(
 ) -> None:
     """Queue depths and dead letters by reason per stage queue, and publishers failing on configuration."""
     from shared.ops.status import StatusBook
+    from shared.state import make_state_store
     from shared.transport import make_transport
 
     settings = _settings()
@@ -467,12 +468,14 @@ def stats(
         queues = [transport.stats(queue) for queue in STAGE_QUEUES]
     finally:
         transport.close()
-    # The status book is written by the stage workers of this data dir (`leadwriter serve`); do not
-    # create an empty one here, and say so when there is none rather than show an empty table.
-    status_path = settings.data_dir / STATUS_FILE
-    failing = (
-        [s for s in StatusBook(status_path).all() if s.consecutive_config_failures > 0] if status_path.exists() else []
-    )
+    # The status book is written by the stage runtimes of this data dir or deployment (`leadwriter serve`).
+    state = make_state_store(settings)
+    book = StatusBook(state)
+    try:
+        failing = [s for s in book.all() if s.consecutive_config_failures > 0]
+    finally:
+        book.close()
+        state.close()
     if as_json:
         answer = {
             "queues": [
@@ -505,9 +508,7 @@ def stats(
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(q.dead_lettered_by_reason.items())) or "-"
         table.add_row(q.queue, str(q.active), str(q.scheduled), str(q.dead_lettered), reasons)
     out.print(table)
-    if not status_path.exists():
-        out.print(f"no publisher status in {settings.data_dir} (written by the stage workers of `leadwriter serve`)")
-    elif failing:
+    if failing:
         alerts = Table(title="Publishers failing on configuration (they fix it: see docs/runbook.md)")
         for column in ("publisher", "consecutive failures", "last reason", "last error", "at"):
             alerts.add_column(column, overflow="fold")

@@ -33,6 +33,7 @@ def _worker_env(harness: Harness) -> dict[str, str]:
             "LEADWRITER_LOCK_DURATION": "1",
             "LEADWRITER_MAX_DELIVERY_COUNT": "50",
             "LEADWRITER_WORKER_CONCURRENCY": "8",
+            "LEADWRITER_RUNTIME": settings.runtime,
         }
     )
     return env
@@ -154,4 +155,40 @@ def test_a_crm_call_longer_than_the_lock_keeps_its_message_locked_and_writes_onc
         log = simulator.requests(publisher)
         assert log.solutions == 1, "the solution check was not repeated by a redelivered message"
         assert log.batch_operations + log.lead_writes == 3, "no lead was written a second time"
+        assert h.dead_letters() == []
+
+
+def test_two_serve_processes_on_one_data_dir_agree_on_status_and_penalties_and_write_each_lead_once(
+    simulator: CrmSimulator, tmp_path: Path, worker_processes: list[subprocess.Popen[bytes]]
+) -> None:
+    with running(simulator, tmp_path) as h:
+        calm, throttled = h.publisher(), h.publisher()
+        simulator.faults(throttled).throttle_next(1, retry_after=2)
+        total = 120
+        h.send([lead_message(p, n) for n in range(total) for p in (calm, throttled)])
+        env = _worker_env(h)
+        for _ in range(2):
+            worker_processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "shared.tools.cli", "serve", "--no-api"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+        h.wait_for(lambda: len(h.written(calm)) >= total and len(h.written(throttled)) >= total, timeout=120)
+        h.wait_for(lambda: h.pending() == 0, timeout=60)
+        # Each process wrote its own counts to the one state store: together they are every lead.
+        h.wait_for(
+            lambda: h.services.status.get(calm).delivered + h.services.status.get(throttled).delivered >= 2 * total,
+            timeout=30,
+        )
+
+        for publisher in (calm, throttled):
+            ids = [lead["leadid"] for lead in h.written(publisher)]
+            assert len(ids) == len(set(ids)) == total, "each lead once"
+            assert h.services.status.get(publisher).delivered == total
+        log = simulator.requests(throttled)
+        assert (log.throttled, log.during_penalty) == (1, 0), "neither process sent inside the other's penalty"
         assert h.dead_letters() == []

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api import routes_admin, routes_publishers
+from shared.api import routes_admin, routes_console, routes_publishers, routes_whoami
 from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
@@ -56,14 +56,22 @@ def create_app(services: Services) -> FastAPI:
         version="1.0",
         description=DESCRIPTION,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # /api/docs is served by routes_console from vendored Swagger UI files (it renders offline).
+        docs_url=None,
         redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
 
-    @app.get("/api/health", response_model=HealthAnswer, tags=["health"], summary="Liveness and readiness")
+    @app.get(
+        "/api/health",
+        response_model=HealthAnswer,
+        tags=["health"],
+        summary="Liveness and readiness",
+        description="Answers 200 when the service runs and its queue and secret backends answer, 503 naming the "
+        "check that failed. Needs no key.",
+    )
     async def health() -> JSONResponse:
         settings = services.settings
         checks = dict(
@@ -83,4 +91,6 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(routes_publishers.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_whoami.router)
+    app.include_router(routes_console.router)
     return app

@@ -30,6 +30,17 @@ HEALTH_TIMEOUT = 5.0
 #: A secret name no one stores: reading it proves the store answers, and costs a miss.
 _HEALTH_PROBE_SECRET = "leadwriter-health-probe"  # noqa: S105 - a name, not a secret
 
+TAGS = [
+    {"name": "health", "description": "Is the service up? Needs no key."},
+    {
+        "name": "publishers",
+        "description": "A publisher's CRM connection, its delivery status, and sending it leads. The admin key, "
+        "or that publisher's own key.",
+    },
+    {"name": "admin", "description": "Publisher keys, dead letters (list, replay, purge) and statistics: admin key."},
+    {"name": "session", "description": "Which key you hold, and so what you may do."},
+]
+
 DESCRIPTION = """Lead Writer delivers Microsoft commercial marketplace leads into each publisher's
 Dynamics 365 / Dataverse CRM.
 
@@ -37,6 +48,9 @@ Send keys as `Authorization: Bearer <key>`: the admin key (`LEADWRITER_ADMIN_KEY
 key issued by `POST /api/admin/publishers/{publisherId}/keys`. No key or an invalid key → 401; a
 valid key outside its scope → 403. Bodies over 256 KiB → 413; invalid input → 422
 `{"error", "field"}`.
+
+The web console at `/console` shows the same data for people: delivery health, dead letters grouped by
+reason, replay and purge with a preview first.
 """
 
 
@@ -55,6 +69,7 @@ def create_app(services: Services) -> FastAPI:
         title="Lead Writer",
         version="1.0",
         description=DESCRIPTION,
+        openapi_tags=TAGS,
         openapi_url="/api/openapi.json",
         # /api/docs is served by routes_console from vendored Swagger UI files (it renders offline).
         docs_url=None,

@@ -243,6 +243,7 @@
         body,
       );
     });
+    root.className = `app role-${state.who.role}`;
     root.replaceChildren(...panels.filter(Boolean));
     root.hidden = false;
   }
@@ -402,10 +403,11 @@
     const rows = reasonCounts();
     if (!rows.length) return el("p", { class: "muted", text: "No dead letters." });
     const max = Math.max(...rows.map(([, n]) => n));
-    const rowHeight = 28;
-    const labelWidth = 190;
-    const width = 560;
-    const barSpace = width - labelWidth - 50;
+    // Drawn at about phone width so its text stays legible at 390 px; CSS scales it up to 520 px.
+    const rowHeight = 26;
+    const labelWidth = 182;
+    const width = 380;
+    const barSpace = width - labelWidth - 40;
     const height = rows.length * rowHeight + 8;
     const chart = svg("svg", {
       class: "chart",

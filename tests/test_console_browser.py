@@ -141,6 +141,34 @@ def test_the_key_is_kept_in_session_storage_only_and_sent_as_a_bearer_header(
     browser.assert_self_contained()
 
 
+def test_the_console_under_api_console_works_the_same_for_the_functions_route_prefix(
+    browser: Browser, seeded: Seeded
+) -> None:
+    page = browser.page
+    page.goto(f"{browser.base_url}/api/console")
+
+    page.fill("#key", ADMIN_KEY)
+    page.click("#signin-button")
+
+    page.wait_for_selector('#panel-deadletters .reason-group[data-reason="CredentialsRejected"]')
+    browser.assert_self_contained()
+
+
+def test_a_key_revoked_while_signed_in_returns_to_the_sign_in_form(
+    browser: Browser, stack: ApiStack, seeded: Seeded
+) -> None:
+    page = browser.page
+    sign_in(page, browser.base_url, stack.key_for("contoso"))
+    assert stack.client.delete("/api/admin/publishers/contoso/keys", headers=stack.admin()).status_code == 204
+
+    page.click("#refresh")
+
+    page.wait_for_selector("#signin:not([hidden])")
+    assert "no longer valid" in page.locator("#signin-error").inner_text()
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.locator("#app").is_hidden()
+
+
 # -- admin view --------------------------------------------------------------------------------------
 
 

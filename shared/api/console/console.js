@@ -189,6 +189,7 @@
     try {
       return await api("GET", `/api/publishers/${encodeURIComponent(publisherId)}/status`);
     } catch (error) {
+      if (error.status === 401) throw error; // the key itself stopped working: back to sign-in
       return { publisherId, error: error.message };
     }
   }

@@ -404,12 +404,12 @@
     const rows = reasonCounts();
     if (!rows.length) return el("p", { class: "muted", text: "No dead letters." });
     const max = Math.max(...rows.map(([, n]) => n));
-    // Drawn at about phone width so its text stays legible at 390 px; CSS scales it up to 520 px.
-    const rowHeight = 26;
-    const labelWidth = 182;
+    // Each reason's name above its bar, drawn at about phone width, so the text stays legible at
+    // 390 px whatever the longest reason; CSS scales it up to 440 px.
+    const rowHeight = 40;
     const width = 380;
-    const barSpace = width - labelWidth - 40;
-    const height = rows.length * rowHeight + 8;
+    const barSpace = width - 40;
+    const height = rows.length * rowHeight + 4;
     const chart = svg("svg", {
       class: "chart",
       viewBox: `0 0 ${width} ${height}`,
@@ -418,12 +418,12 @@
       preserveAspectRatio: "xMinYMin meet",
     });
     rows.forEach(([reason, n], index) => {
-      const y = index * rowHeight + 4;
+      const y = index * rowHeight;
       const barWidth = Math.max(2, Math.round((n / max) * barSpace));
       chart.append(
-        svg("text", { x: labelWidth - 8, y: y + 17, "text-anchor": "end", class: "chart-label" }, reason),
-        svg("rect", { x: labelWidth, y: y + 3, width: barWidth, height: rowHeight - 10, rx: 3, class: `bar fix-${reasonInfo(reason).fixer}` }),
-        svg("text", { x: labelWidth + barWidth + 6, y: y + 17, class: "chart-value" }, String(n)),
+        svg("text", { x: 0, y: y + 15, class: "chart-label" }, reason),
+        svg("rect", { x: 0, y: y + 21, width: barWidth, height: 13, rx: 3, class: `bar fix-${reasonInfo(reason).fixer}` }),
+        svg("text", { x: barWidth + 6, y: y + 32, class: "chart-value" }, String(n)),
       );
     });
     const legend = el(

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench serve clean infra-check
+.PHONY: demo test lint typecheck unit bench serve clean infra-check chromium screenshots
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-unit: $(STAMP) $(NODE_STAMP)
+unit: $(STAMP) $(NODE_STAMP) chromium
 	$(PY) -m pytest
+
+# The browser tests drive Debian's chromium through Playwright's Python package (Playwright's own
+# browser download is not reachable). Installed once, when missing; sudo only when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# Redraw docs/console-1280.png and docs/console-390.png from a seeded console.
+screenshots: $(STAMP) chromium
+	$(PY) -m tests.fixtures.screenshots
 
 bench: $(STAMP)
 	$(VENV)/bin/leadwriter bench

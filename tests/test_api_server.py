@@ -136,6 +136,7 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/deadletters/replay": {"post"},
         "/api/deadletters/purge": {"post"},
         "/api/stats": {"get"},
+        "/api/whoami": {"get"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected
     schemas = answer.json()["components"]["schemas"]

@@ -138,12 +138,21 @@ def seeded(cli: Cli) -> Cli:
 
 
 def table_rows(text: str) -> list[list[str]]:
-    """The body rows of the rich tables in ``text``, as lists of cell texts."""
-    return [
-        [cell.strip() for cell in line.strip().strip("│").split("│")]
-        for line in text.splitlines()
-        if line.startswith("│")
-    ]
+    """The body rows of the rich tables in ``text`` (column rules, no frame), as lists of cell texts.
+
+    A header is the row just above a ``╶──┼──╴`` rule; it is left out.
+    """
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if "┼" in line:
+            rows.pop()  # the header row above the rule
+        elif "│" in line and line.strip(" │"):
+            rows.append([cell.strip() for cell in line.split("│")])
+    return rows
+
+
+def longest_line(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
 
 
 # -- enqueue ----------------------------------------------------------------------------------------
@@ -271,9 +280,9 @@ def test_replay_dry_run_shows_what_would_move_where_and_moves_nothing(seeded: Cl
     assert result.code == 0, result.stderr
     rows = {row[0]: row for row in table_rows(result.stdout)}
     assert set(rows) == {"ready-1", "ready-2", "ready-3", "capped-1.r5"}
-    assert rows["ready-1"][1:3] == [QUEUE_READY, "ready-1.r1"], "queue it died on, new message id"
+    assert rows["ready-1"][1] == QUEUE_READY, "the queue it died on"
     assert rows["ready-1"][-1] == "replay"
-    assert rows["capped-1.r5"][-1] == "refused: replay cap"
+    assert rows["capped-1.r5"][-1] == "refused"
     assert re.search(r"would refuse: .*capped-1\.r5.*replay cap is 5", result.stdout)
     assert "nothing moved" in result.stdout
     assert seeded.dead_letter_ids() == ALL_IDS
@@ -330,7 +339,7 @@ def test_purge_with_yes_removes_only_the_filtered_dead_letters(seeded: Cli) -> N
     assert result.code == 0, result.stderr
     assert "matched 2, purged 2" in result.stdout
     # The progress bar counts dead letters dealt with (2), not the sum of its running totals.
-    assert re.search(r"purge\b.*\b2/\?", result.stderr)
+    assert re.search(r"purge\b.*\b2/2\b", result.stderr), "the bar knows its total"
     assert seeded.dead_letter_ids() == ALL_IDS - {"in-2", "ready-2"}
 
 
@@ -398,7 +407,6 @@ def test_a_bad_setting_exits_2_naming_the_variable(cli: Cli, command: tuple[str,
     assert "Traceback" not in result.stderr
 
 
-
 @pytest.mark.parametrize(
     ("option", "expected"),
     [("--enqueued-after", set()), ("--enqueued-before", ALL_IDS)],
@@ -408,3 +416,141 @@ def test_list_filters_by_enqueued_time(seeded: Cli, option: str, expected: set[s
 
     assert result.code == 0, result.stderr
     assert {json.loads(line)["messageId"] for line in result.stdout.splitlines()} == expected
+
+
+# -- readable at night: 120 columns, styles, where it read, JSON for scripts -------------------------
+
+AT_120 = {"COLUMNS": "120"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("deadletters", "list"),
+        ("deadletters", "list", "--wide"),
+        ("deadletters", "replay", "--dry-run"),
+        ("deadletters", "purge", "--dry-run"),
+        ("stats",),
+        ("deadletters", "list", "--help"),
+        ("deadletters", "replay", "--help"),
+        ("deadletters", "purge", "--help"),
+        ("stats", "--help"),
+    ],
+    ids=lambda command: " ".join(command),
+)
+def test_every_line_fits_120_columns(seeded: Cli, command: tuple[str, ...]) -> None:
+    seeded.seed(Seed(QUEUE_READY, "a-long-lead-id-0123456789abcdef-0123", "contoso-international", "LeadRejected"))
+
+    result = seeded.run(*command, env=AT_120)
+
+    assert result.code == 0, result.stderr
+    assert longest_line(result.stdout) <= 120, result.stdout
+    assert longest_line(result.stderr) <= 120, result.stderr
+
+
+def test_list_is_compact_by_default_and_wide_adds_lead_id_queue_and_description(seeded: Cli) -> None:
+    compact = seeded.run("deadletters", "list", "--reason", "LeadRejected", env=AT_120)
+    wide = seeded.run("deadletters", "list", "--reason", "LeadRejected", "--wide", env=AT_120)
+
+    assert compact.code == wide.code == 0
+    detail = compact.stdout.split("dead letter(s)")[1]
+    assert [row[:3] for row in table_rows(detail)] == [
+        ["ready-1", "contoso", "LeadRejected"],
+        ["ready-3", "contoso", "LeadRejected"],
+    ]
+    assert "seeded LeadRejected" not in compact.stdout, "descriptions only with --wide"
+    assert "seeded LeadRejected" in wide.stdout
+    assert re.search(r"queue\s+leads-ready", wide.stdout)
+    assert re.search(r"reason\s+LeadRejected\s+\(fixed by: ops\)", wide.stdout)
+
+
+def test_non_zero_dead_letter_counts_are_bold_red(seeded: Cli) -> None:
+    colour = {"NO_COLOR": "", "FORCE_COLOR": "1", "TERM": "xterm-256color", **AT_120}
+    env = {name: value for name, value in {**seeded.env, **colour}.items() if value}
+    result = subprocess.run(
+        [*COMMAND, "stats"], cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=60, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    bold_red = "\x1b[1;31m"
+    incoming = next(line for line in result.stdout.splitlines() if QUEUE_INCOMING in line)
+    validated = next(line for line in result.stdout.splitlines() if QUEUE_VALIDATED in line)
+    assert re.search(r"\x1b\[1;31m\s*2\b", incoming), incoming
+    assert bold_red in validated, "1 dead letter is not zero either"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("deadletters", "list"),
+        ("deadletters", "replay", "--dry-run"),
+        ("deadletters", "purge", "--dry-run"),
+        ("stats",),
+    ],
+    ids=lambda command: " ".join(command),
+)
+def test_every_command_that_reads_state_says_which_data_dir_it_read(seeded: Cli, command: tuple[str, ...]) -> None:
+    data_dir = str(Path(seeded.env["LEADWRITER_DATA_DIR"]).resolve())
+
+    result = seeded.run(*command, "--json", env=AT_120)
+
+    assert result.code == 0, result.stderr
+    assert f"reading embedded broker in {data_dir}" in result.stderr
+    assert "reading" not in result.stdout, "stdout stays machine-readable"
+
+
+def test_replay_json_answers_the_api_shape_and_exit_1_on_refusals(seeded: Cli) -> None:
+    dry = seeded.run("deadletters", "replay", "--dry-run", "--json", "--queue", QUEUE_READY)
+    done = seeded.run("deadletters", "replay", "--json", "--queue", QUEUE_READY)
+
+    assert dry.code == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dryRun"] is True
+    assert plan["matched"] == 4
+    assert plan["refused"] == 1
+    assert {entry["messageId"]: entry["newMessageId"] for entry in plan["plan"]}["ready-1"] == "ready-1.r1"
+    assert done.code == 1, "the capped dead letter is refused"
+    answer = json.loads(done.stdout)
+    assert answer == {
+        "matched": 4,
+        "replayed": 3,
+        "refused": 1,
+        "errors": [],
+        "refusals": answer["refusals"],
+        "dryRun": False,
+    }
+    assert "capped-1.r5" in answer["refusals"][0]
+    assert seeded.dead_letter_ids(QUEUE_READY) == {"capped-1.r5"}
+
+
+def test_purge_json_answers_the_api_shape(seeded: Cli) -> None:
+    dry = seeded.run("deadletters", "purge", "--dry-run", "--json", "--publisher", "fabrikam")
+    done = seeded.run("deadletters", "purge", "--yes", "--json", "--publisher", "fabrikam")
+
+    assert dry.code == done.code == 0
+    assert json.loads(dry.stdout) == {
+        "matched": 2,
+        "purged": 0,
+        "errors": [],
+        "dryRun": True,
+        "messageIds": ["in-2", "ready-2"],
+    }
+    assert json.loads(done.stdout) == {"matched": 2, "purged": 2, "errors": [], "dryRun": False}
+    assert seeded.dead_letter_ids() == ALL_IDS - {"in-2", "ready-2"}
+
+
+def test_replay_progress_bar_knows_its_total(seeded: Cli) -> None:
+    result = seeded.run("deadletters", "replay", "--reason", "LeadRejected")
+
+    assert result.code == 0, result.stderr
+    assert re.search(r"replay\b.*\b2/2\b", result.stderr)
+
+
+@pytest.mark.parametrize("command", [("deadletters", "list"), ("deadletters", "replay"), ("deadletters", "purge")])
+def test_help_lists_the_valid_queues_and_reasons(cli: Cli, command: tuple[str, ...]) -> None:
+    result = cli.run(*command, "--help", env={"COLUMNS": "200"})
+
+    assert result.code == 0
+    text = " ".join(result.stdout.split())
+    for name in [*STAGE_QUEUES, *(str(reason) for reason in DeadLetterReason), "Unknown"]:
+        assert name in text, name

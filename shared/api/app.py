@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api import routes_admin, routes_publishers
+from shared.api import routes_admin, routes_console, routes_publishers, routes_whoami
 from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
@@ -34,6 +34,17 @@ HEALTH_CACHE_SECONDS = 5.0
 #: A secret name no one stores: reading it proves the store answers, and costs a miss.
 _HEALTH_PROBE_SECRET = "leadwriter-health-probe"  # noqa: S105 - a name, not a secret
 
+TAGS = [
+    {"name": "health", "description": "Is the service up? Needs no key."},
+    {
+        "name": "publishers",
+        "description": "A publisher's CRM connection, its delivery status, and sending it leads. The admin key, "
+        "or that publisher's own key.",
+    },
+    {"name": "admin", "description": "Publisher keys, dead letters (list, replay, purge) and statistics: admin key."},
+    {"name": "session", "description": "Which key you hold, and so what you may do."},
+]
+
 DESCRIPTION = """Lead Writer delivers Microsoft commercial marketplace leads into each publisher's
 Dynamics 365 / Dataverse CRM.
 
@@ -41,6 +52,9 @@ Send keys as `Authorization: Bearer <key>`: the admin key (`LEADWRITER_ADMIN_KEY
 key issued by `POST /api/admin/publishers/{publisherId}/keys`. No key or an invalid key → 401; a
 valid key outside its scope → 403. Bodies over 256 KiB → 413; invalid input → 422
 `{"error", "field"}`.
+
+The web console at `/console` shows the same data for people: delivery health, dead letters grouped by
+reason, replay and purge with a preview first.
 """
 
 
@@ -59,8 +73,10 @@ def create_app(services: Services) -> FastAPI:
         title="Lead Writer",
         version="1.0",
         description=DESCRIPTION,
+        openapi_tags=TAGS,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # /api/docs is served by routes_console from vendored Swagger UI files (it renders offline).
+        docs_url=None,
         redoc_url=None,
     )
     app.state.services = services
@@ -69,7 +85,14 @@ def create_app(services: Services) -> FastAPI:
     health_lock = asyncio.Lock()
     health_cache: list[Any] = []
 
-    @app.get("/api/health", response_model=HealthAnswer, tags=["health"], summary="Liveness and readiness")
+    @app.get(
+        "/api/health",
+        response_model=HealthAnswer,
+        tags=["health"],
+        summary="Liveness and readiness",
+        description="Answers 200 when the service runs and its queue and secret backends answer, 503 naming the "
+        "check that failed. Needs no key.",
+    )
     async def health() -> JSONResponse:
         settings = services.settings
         async with health_lock:
@@ -97,4 +120,6 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(routes_publishers.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_whoami.router)
+    app.include_router(routes_console.router)
     return app

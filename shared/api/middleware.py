@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 #: The request log: one line per request, nothing the caller sent beyond method and route.
 access_logger = logging.getLogger("shared.api.access")
 
-DOCS_PATHS = frozenset({"/api/docs", "/api/docs/oauth2-redirect"})
+DOCS_PATHS = frozenset({"/api/docs"})
+#: The console page and its assets (:mod:`shared.api.routes_console`).
+CONSOLE_PREFIXES = ("/console", "/api/console")
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
@@ -34,12 +36,35 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"no-referrer"),
 )
 STRICT_CSP = b"default-src 'none'; frame-ancestors 'none'"
-#: The Swagger UI page loads its script and style from FastAPI's default CDN and calls back here.
-DOCS_CSP = (
-    b"default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
-    b"style-src 'unsafe-inline' https://cdn.jsdelivr.net; img-src https://fastapi.tiangolo.com data:; "
-    b"connect-src 'self'; frame-ancestors 'none'"
+#: The console: its own script and style from this server, JSON calls back here, nothing inline
+#: (no inline script or style attribute runs), no forms posted anywhere, no <base> rewriting.
+CONSOLE_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+def docs_csp(script_hashes: list[str] | tuple[str, ...] = ()) -> bytes:
+    """The Swagger UI page's policy: its vendored script and style from this server, its inline
+    start-up script only by hash, the OpenAPI document from here. Swagger UI sets style attributes,
+    hence 'unsafe-inline' for styles only."""
+    scripts = " ".join(["'self'", *script_hashes])
+    return (
+        f"default-src 'none'; script-src {scripts}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ).encode("ascii")
+
+
+#: The docs page's fallback (the route sets the policy with its script's hash itself).
+DOCS_CSP = docs_csp()
+
+
+def _csp_for(path: str) -> bytes:
+    if path in DOCS_PATHS:
+        return DOCS_CSP
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in CONSOLE_PREFIXES):
+        return CONSOLE_CSP
+    return STRICT_CSP
 
 
 class BodyTooLarge(HTTPException):
@@ -72,7 +97,7 @@ class ApiMiddleware:
             return
         started = time.monotonic()
         path: str = scope.get("path", "")
-        csp = DOCS_CSP if path in DOCS_PATHS else STRICT_CSP
+        csp = _csp_for(path)
         status_seen = 0
 
         async def send_with_headers(message: Message) -> None:

@@ -38,13 +38,13 @@ router = APIRouter(route_class=GuardedRoute, tags=["admin"])
 
 AdminAccess = Annotated[Principal, Depends(ADMIN)]
 ServicesDep = Annotated[Services, Depends(services_of)]
-PublisherId = Annotated[str, Path(alias="publisherId")]
+PublisherId = Annotated[str, Path(alias="publisherId", description="The publisher's id, e.g. `contoso`.")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorAnswer, "description": "no key, not a valid key, or no admin key configured"},
-    403: {"model": ErrorAnswer, "description": "a publisher key on an admin route"},
-    422: {"model": ErrorAnswer, "description": "invalid input"},
-    503: {"model": ErrorAnswer, "description": "a backend is unavailable; retry after Retry-After"},
+    401: {"model": ErrorAnswer, "description": "No key, not a valid key, or no admin key configured."},
+    403: {"model": ErrorAnswer, "description": "A publisher key on an admin route."},
+    422: {"model": ErrorAnswer, "description": "Invalid input; `field` names it."},
+    503: {"model": ErrorAnswer, "description": "A backend is unavailable; retry after Retry-After."},
 }
 
 
@@ -67,7 +67,9 @@ def _bad_filter(exc: InvalidFilter) -> JSONResponse:
     status_code=201,
     response_model=IssuedKey,
     responses=_ERRORS,
-    summary="Issue a publisher key (replaces the previous one; shown once)",
+    summary="Issue a publisher key",
+    description="Issues a new key for the publisher and revokes its previous one. The key is shown only in this "
+    "answer: Lead Writer keeps only its hash. Hand it to the publisher; it works only for that publisher.",
 )
 def issue_key(publisher_id: PublisherId, _admin: AdminAccess, services: ServicesDep) -> IssuedKey:
     """Raises InvalidPublisherId (422), RetryLater (503)."""
@@ -79,8 +81,9 @@ def issue_key(publisher_id: PublisherId, _admin: AdminAccess, services: Services
     "/api/admin/publishers/{publisherId}/keys",
     status_code=204,
     response_class=Response,
-    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "the publisher has no key"}},
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "The publisher has no key."}},
     summary="Revoke the publisher's key",
+    description="The publisher's key stops working at once. Its connection and leads are not touched.",
 )
 def revoke_key(publisher_id: PublisherId, _admin: AdminAccess, services: ServicesDep) -> Response:
     """Raises InvalidPublisherId (422), RetryLater (503)."""
@@ -94,15 +97,21 @@ def revoke_key(publisher_id: PublisherId, _admin: AdminAccess, services: Service
     "/api/deadletters",
     response_model=DeadLettersAnswer,
     responses=_ERRORS,
-    summary="Peek dead letters (nothing changes)",
+    summary="List dead letters",
+    description="Dead letters that match the filters, with their reason, description and body. Reading them "
+    "changes nothing: they stay where they are.",
 )
 def get_dead_letters(
     _admin: AdminAccess,
     services: ServicesDep,
-    queue: Annotated[str | None, Query(max_length=200, description=f"one of {', '.join(STAGE_QUEUES)}")] = None,
-    reason: Annotated[str | None, Query(max_length=200, description="a dead-letter reason, or Unknown")] = None,
-    publisher_id: Annotated[str | None, Query(alias="publisherId", max_length=200)] = None,
-    limit: Annotated[int, Query(ge=0, le=1000)] = 100,
+    queue: Annotated[str | None, Query(max_length=200, description=f"One of {', '.join(STAGE_QUEUES)}")] = None,
+    reason: Annotated[
+        str | None, Query(max_length=200, description="A dead-letter reason, e.g. `RetriesExhausted`, or `Unknown`")
+    ] = None,
+    publisher_id: Annotated[
+        str | None, Query(alias="publisherId", max_length=200, description="Only this publisher's dead letters")
+    ] = None,
+    limit: Annotated[int, Query(ge=0, le=1000, description="At most this many")] = 100,
 ) -> DeadLettersAnswer | JSONResponse:
     """Raises RetryLater (503)."""
     try:
@@ -118,7 +127,10 @@ def get_dead_letters(
     response_model=ReplayAnswer,
     response_model_exclude_none=True,
     responses=_ERRORS,
-    summary="Replay dead letters to the queue they died on (dryRun: show the plan only)",
+    summary="Replay dead letters",
+    description="Sends each matching dead letter again to the stage queue it died on, as a copy with a new "
+    'message id and the same lead id, then removes the dead letter. Send `"dryRun": true` first to see the '
+    "plan without sending anything. A dead letter already replayed 5 times is refused and stays.",
 )
 def replay_dead_letters(body: ReplayBody, _admin: AdminAccess, services: ServicesDep) -> ReplayAnswer | JSONResponse:
     """Raises RetryLater (503)."""
@@ -146,7 +158,9 @@ def replay_dead_letters(body: ReplayBody, _admin: AdminAccess, services: Service
     "/api/deadletters/purge",
     response_model=PurgeAnswer,
     responses=_ERRORS,
-    summary='Delete dead letters for good (needs "confirm": true)',
+    summary="Purge dead letters",
+    description='Deletes the matching dead letters for good. Needs `"confirm": true`; without it nothing is '
+    "deleted and the answer is 422. List them first (`GET /api/deadletters`) to see what would go.",
 )
 def purge_dead_letters(body: PurgeBody, _admin: AdminAccess, services: ServicesDep) -> PurgeAnswer | JSONResponse:
     """Raises RetryLater (503)."""
@@ -167,7 +181,9 @@ def purge_dead_letters(body: PurgeBody, _admin: AdminAccess, services: ServicesD
     "/api/stats",
     response_model=StatsAnswer,
     responses=_ERRORS,
-    summary="Per queue: active, scheduled, dead-lettered by reason; publishers failing on configuration",
+    summary="Queue and dead-letter statistics",
+    description="For each stage queue: messages waiting now, waiting for a retry, and dead letters by reason; "
+    "and the publishers whose leads keep failing for a reason they must fix themselves.",
 )
 def stats(_admin: AdminAccess, services: ServicesDep) -> StatsAnswer:
     """Raises RetryLater (503)."""

@@ -53,17 +53,17 @@ router = APIRouter(route_class=GuardedRoute, tags=["publishers"])
 #: Dead letters the status route reads at most per publisher (it peeks, so this bounds its cost).
 STATUS_DEAD_LETTER_SCAN = 10_000
 
-PublisherId = Annotated[str, Path(alias="publisherId", description="the publisher id")]
+PublisherId = Annotated[str, Path(alias="publisherId", description="The publisher's id, e.g. `contoso`.")]
 PublisherAccess = Annotated[Principal, Depends(PUBLISHER)]
 ServicesDep = Annotated[Services, Depends(services_of)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorAnswer, "description": "no key, or not a valid key"},
-    403: {"model": ErrorAnswer, "description": "a valid key for another publisher"},
-    422: {"model": ErrorAnswer, "description": "invalid input, or the connection failed verification"},
+    401: {"model": ErrorAnswer, "description": "No key, or not a valid key."},
+    403: {"model": ErrorAnswer, "description": "A valid key for another publisher."},
+    422: {"model": ErrorAnswer, "description": "Invalid input, or the connection failed verification."},
     503: {
         "model": ErrorAnswer,
-        "description": "a backend or the CRM is unavailable; retry after Retry-After",
+        "description": "A backend or the CRM is unavailable; retry after Retry-After.",
     },
 }
 
@@ -114,14 +114,18 @@ def _replay_configuration(services: Services, publisher_id: str) -> tuple[int, s
     response_model=ConnectionAnswer,
     response_model_exclude_none=True,
     responses=_ERRORS,
-    summary="Store the CRM connection (verified live first)",
+    summary="Store the CRM connection",
+    description="Checks the credentials live first (sign-in, the CRM user, the Lead Writer solution) and stores "
+    "them only if every check passes; a failed check answers 422 with its reason and stores nothing. Add "
+    "`?verify=false` to store without checking. After a verified update, this publisher's leads that waited for "
+    "a working connection are sent again. Secrets are never returned.",
 )
 def put_connection(
     publisher_id: PublisherId,
     body: ConnectionBody,
     _principal: PublisherAccess,
     services: ServicesDep,
-    verify: Annotated[bool, Query(description="verify live before storing")] = True,
+    verify: Annotated[bool, Query(description="Check the credentials live before storing them.")] = True,
 ) -> ConnectionAnswer | JSONResponse:
     """Validate, verify live (unless ``?verify=false``), store; then replay configuration dead letters.
 
@@ -158,8 +162,9 @@ def put_connection(
     "/api/publishers/{publisherId}/connection",
     response_model=ConnectionAnswer,
     response_model_exclude_none=True,
-    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "no connection stored"}},
-    summary="The stored connection, without secrets, and its last verification",
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "No connection is stored."}},
+    summary="Read the stored connection",
+    description="The stored CRM connection without password or client secret, and the result of its last check.",
 )
 def get_connection(
     publisher_id: PublisherId, _principal: PublisherAccess, services: ServicesDep
@@ -177,8 +182,10 @@ def get_connection(
     "/api/publishers/{publisherId}/connection",
     status_code=204,
     response_class=Response,
-    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "no connection stored"}},
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "No connection is stored."}},
     summary="Remove the connection",
+    description="Deletes the stored credentials. Leads that arrive afterwards wait as dead letters "
+    "(`CredentialsMissing`) until a new connection is stored.",
 )
 def delete_connection(publisher_id: PublisherId, _principal: PublisherAccess, services: ServicesDep) -> Response:
     """Raises InvalidPublisherId (422), RetryLater (503)."""
@@ -227,14 +234,18 @@ def _test_lead(services: Services, publisher_id: str, connection: Connection) ->
     "/api/publishers/{publisherId}/connection/test",
     response_model=ConnectionAnswer,
     response_model_exclude_none=True,
-    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "no connection stored"}},
-    summary="Verify the stored connection again; optionally write an MSFT_TEST lead",
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "No connection is stored."}},
+    summary="Test the stored connection",
+    description="Checks the stored connection live again and keeps the result. With `?sendTestLead=true` it also "
+    "writes one test lead, marked `MSFT_TEST`, straight to the CRM, as the marketplace's own test does.",
 )
 def retest_connection(
     publisher_id: PublisherId,
     _principal: PublisherAccess,
     services: ServicesDep,
-    send_test_lead: Annotated[bool, Query(alias="sendTestLead")] = False,
+    send_test_lead: Annotated[
+        bool, Query(alias="sendTestLead", description="Also write one `MSFT_TEST` lead to the CRM.")
+    ] = False,
 ) -> ConnectionAnswer | JSONResponse:
     """Re-verify live and store the new verification. Raises InvalidPublisherId (422), RetryLater (503)."""
     validate_publisher_id(publisher_id)
@@ -270,7 +281,9 @@ def retest_connection(
     "/api/publishers/{publisherId}/status",
     response_model=PublisherStatusAnswer,
     responses=_ERRORS,
-    summary="Delivery health: delivered, pending, dead letters by reason, last error",
+    summary="Delivery status",
+    description="How this publisher's leads are doing: how many were delivered and when, how many wait in each "
+    "stage, dead letters by reason, the last error, and whether the connection is verified.",
 )
 def publisher_status(
     publisher_id: PublisherId, _principal: PublisherAccess, services: ServicesDep
@@ -321,20 +334,25 @@ def publisher_status(
     status_code=202,
     response_model=IngestAnswer,
     responses=_ERRORS,
-    summary="Ingest one marketplace lead (the marketplace's HTTPS-endpoint payload)",
+    summary="Send a lead",
+    description="Accepts one marketplace lead, exactly as the marketplace's HTTPS endpoint sends it, and queues "
+    "it for delivery (202). A body that is not a lead is refused at once with 422 naming the field. The "
+    "publisher key may also be given as `?key=` for callers that can only be given a URL.",
 )
 def ingest_lead(
     publisher_id: PublisherId,
     payload: Annotated[
         dict[str, Any],
         Body(
-            description="the marketplace lead object ({UserDetails, LeadSource, ActionCode, OfferTitle, "
+            description="The marketplace lead object ({UserDetails, LeadSource, ActionCode, OfferTitle, "
             "Description}), or a whole leads-incoming message ({leadId, publisherId, receivedAt, lead})"
         ),
     ],
     _principal: Annotated[Principal, Depends(INGEST)],
     services: ServicesDep,
-    key: Annotated[str | None, Query(description="the publisher key, for callers that can only be given a URL")] = None,
+    key: Annotated[
+        str | None, Query(description="The publisher key, for callers that can only be given a URL.")
+    ] = None,
 ) -> IngestAnswer | JSONResponse:
     """Wrap the lead in a architecture §3 message and enqueue it on ``leads-incoming``.
 

@@ -13,22 +13,25 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from shared.errors import ConfigurationError, DeadLetterReason
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.errors import CONFIGURATION_REASONS, ConfigurationError, DeadLetterReason
+from shared.names import QUEUE_INCOMING, STAGE_QUEUES, STATE_FILE
 from shared.ops.deadletters import (
     UNKNOWN_REASON,
     DeadLetterFilter,
     DeadLetterItem,
+    ReplayPlanEntry,
     group_counts,
     list_dead_letters,
     plan_replay,
@@ -37,7 +40,7 @@ from shared.ops.deadletters import (
 )
 from shared.pipeline.messages import envelope
 from shared.settings import Settings
-from shared.transport.base import OutgoingMessage
+from shared.transport.base import OutgoingMessage, Transport
 
 app = typer.Typer(help="Lead Writer: marketplace leads into Dynamics 365 / Dataverse.", no_args_is_help=True)
 deadletters_app = typer.Typer(help="See, replay and purge dead letters.", no_args_is_help=True)
@@ -246,8 +249,14 @@ def _count_lines(file: str) -> int | None:
 
 # -- dead letters --------------------------------------------------------------------------------
 
-QueueOpt = Annotated[list[str] | None, typer.Option("--queue", help="Stage queue (repeatable).")]
-ReasonOpt = Annotated[list[str] | None, typer.Option("--reason", help="Dead-letter reason (repeatable).")]
+_REASON_NAMES = ", ".join([*(str(r) for r in DeadLetterReason), UNKNOWN_REASON])
+QueueOpt = Annotated[
+    list[str] | None, typer.Option("--queue", help=f"Stage queue (repeatable): {', '.join(STAGE_QUEUES)}.")
+]
+ReasonOpt = Annotated[
+    list[str] | None,
+    typer.Option("--reason", help=f"Dead-letter reason (repeatable): {_REASON_NAMES} (no reason given)."),
+]
 PublisherOpt = Annotated[str | None, typer.Option("--publisher", help="Publisher id.")]
 MessageIdOpt = Annotated[list[str] | None, typer.Option("--message-id", help="Message id (repeatable).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many.")]
@@ -257,6 +266,21 @@ BeforeOpt = Annotated[
 AfterOpt = Annotated[
     datetime | None, typer.Option("--enqueued-after", help="Only dead letters enqueued at or after (ISO time, UTC).")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (the API's answer shape).")]
+
+#: Dead letters counted up front so a replay or purge progress bar knows its total; past this, it doesn't.
+COUNT_SCAN = 100_000
+#: A count that is not zero: dead letters are what a person on call must see first.
+ALERT = "bold red"
+#: The dead-letter core's replay cap (plan_replay/replay default): a count at it is shown in red.
+MAX_REPLAYS = 5
+#: Who fixes each reason (the runbook's table); anything else is for ops.
+FIXED_BY: dict[str, str] = {
+    DeadLetterReason.INVALID_LEAD: "nobody: inspect / purge",
+    **{str(reason): "the publisher" for reason in CONFIGURATION_REASONS},
+}
+#: Every table: column rules but no outer frame, titles on the left; it saves the columns 120 needs.
+_TABLE: dict[str, Any] = {"box": box.MINIMAL, "pad_edge": False, "title_justify": "left"}
 
 
 def _filter(
@@ -286,14 +310,103 @@ def _filter(
     return flt
 
 
+def _source(settings: Settings) -> str:
+    """Where the command reads and changes state: the broker (and data dir) it was pointed at."""
+    if settings.queue_backend == "servicebus":
+        return f"Service Bus namespace {settings.servicebus_namespace}"
+    return f"embedded broker in {settings.data_dir.resolve()}"
+
+
+def _say_source(settings: Settings, extra: str = "") -> None:
+    """One line on stderr naming what was read, so a wrong LEADWRITER_DATA_DIR is obvious at 3 a.m."""
+    console.print(f"[dim]reading {escape(_source(settings))}[/dim]", highlight=False, soft_wrap=False)
+    if extra:
+        console.print(f"[dim]reading {escape(extra)}[/dim]", highlight=False, soft_wrap=False)
+
+
+def _count(value: int) -> Text:
+    """A count for a table cell: bold red when it is not zero."""
+    return Text(str(value), style=ALERT if value else "")
+
+
+def _when(value: str, *, short: bool = False) -> str:
+    """``2026-12-01T22:31:05Z`` → ``2026-12-01 22:31`` or, ``short``, ``Dec 01 22:31`` (UTC)."""
+    if not value:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return value
+    return moment.strftime("%b %d %H:%M" if short else "%Y-%m-%d %H:%M")
+
+
 def _summary_table(items: list[DeadLetterItem], title: str) -> Table:
     """Counts by queue, reason and publisher, largest first."""
-    summary = Table(title=title)
+    summary = Table(title=title, **_TABLE)
     for column in ("queue", "reason", "publisher", "count"):
         summary.add_column(column, justify="right" if column == "count" else "left")
     for (q, r, p), count in sorted(group_counts(items).items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1])):
-        summary.add_row(q, r, p or "-", str(count))
+        summary.add_row(q, r, p or "-", _count(count))
     return summary
+
+
+def _detail_table(items: list[DeadLetterItem]) -> Table:
+    """One row per dead letter, compact enough for 120 columns: the id to act on, whose, why, when
+    (UTC), how often tried and replayed."""
+    table = Table(title=f"{len(items)} dead letter(s)", **_TABLE)
+    table.add_column("messageId", no_wrap=True)
+    table.add_column("publisher", overflow="ellipsis", no_wrap=True, max_width=14)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("enqueued", no_wrap=True)
+    table.add_column("tries", justify="right")
+    table.add_column("replays", justify="right")
+    for item in items:
+        table.add_row(
+            item.message_id,
+            item.publisher_id or "-",
+            item.reason or UNKNOWN_REASON,
+            _when(item.to_json()["enqueuedAt"], short=True),
+            str(item.delivery_count),
+            _count(item.replay_count) if item.replay_count >= MAX_REPLAYS else str(item.replay_count),
+        )
+    return table
+
+
+def _print_details(items: list[DeadLetterItem]) -> None:
+    """``--wide``: each dead letter as a block of fields, so a long description wraps under its label
+    instead of squeezing a table's columns."""
+    out.print(f"{len(items)} dead letter(s)")
+    for item in items:
+        row = item.to_json()
+        reason = str(row["reason"] or UNKNOWN_REASON)
+        fields = Table.grid(padding=(0, 2))
+        fields.add_column(style="dim", no_wrap=True)
+        fields.add_column(overflow="fold")
+        fields.add_row("leadId", str(row["leadId"] or "-"))
+        fields.add_row("publisher", str(row["publisherId"] or "-"))
+        fields.add_row("queue", str(row["queue"]))
+        fields.add_row("reason", Text.assemble((reason, ALERT), f"  (fixed by: {FIXED_BY.get(reason, 'ops')})"))
+        fields.add_row("enqueued", f"{_when(str(row['enqueuedAt'] or ''))} UTC")
+        fields.add_row("tries", f"{row['deliveryCount']} delivery attempt(s), replayed {row['replayCount']} time(s)")
+        fields.add_row("description", str(row["description"] or "-"))
+        out.rule(Text(item.message_id, style="bold"), align="left")
+        out.print(fields)
+
+
+def _emit_json(answer: object) -> None:
+    sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(name: str, *, disable: bool) -> Progress:
+    return Progress(TextColumn(name), BarColumn(), MofNCompleteColumn(), console=console, disable=disable)
+
+
+def _matching_total(transport: Transport, flt: DeadLetterFilter, limit: int | None) -> int | None:
+    """How many dead letters a sweep will deal with (for the progress bar), or None past COUNT_SCAN."""
+    scan = min(limit, COUNT_SCAN) if limit else COUNT_SCAN
+    found = len(list_dead_letters(transport, flt, limit=scan))
+    return None if found >= COUNT_SCAN else found
 
 
 @deadletters_app.command("list")
@@ -305,13 +418,16 @@ def deadletters_list(
     enqueued_before: BeforeOpt = None,
     enqueued_after: AfterOpt = None,
     limit: LimitOpt = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Add leadId, queue and the full description.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines (the API's item shape, with the body).")] = False,
 ) -> None:
-    """Show dead letters grouped by reason and publisher, then the messages themselves."""
+    """Show dead letters grouped by queue, reason and publisher, then one row each (compact; --wide for
+    details, --json for scripts)."""
     from shared.transport import make_transport
 
     settings = _settings()
     flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
+    _say_source(settings)
     transport = make_transport(settings)
     try:
         items = list_dead_letters(transport, flt, limit=limit or 100)
@@ -323,34 +439,16 @@ def deadletters_list(
             sys.stdout.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
+    if not items:
+        out.print("no dead letters match")
+        return
     out.print(_summary_table(items, "Dead letters by reason and publisher"))
-    detail = Table(title=f"{len(items)} dead letter(s)")
-    for column in (
-        "messageId",
-        "leadId",
-        "publisher",
-        "queue",
-        "reason",
-        "description",
-        "enqueued",
-        "deliveries",
-        "replays",
-    ):
-        detail.add_column(column, overflow="fold")
-    for item in items:
-        row = item.to_json()
-        detail.add_row(
-            str(row["messageId"]),
-            str(row["leadId"] or "-"),
-            str(row["publisherId"] or "-"),
-            str(row["queue"]),
-            str(row["reason"] or "-"),
-            str(row["description"] or "-")[:120],
-            str(row["enqueuedAt"]),
-            str(row["deliveryCount"]),
-            str(row["replayCount"]),
-        )
-    out.print(detail)
+    if wide:
+        _print_details(items)
+    else:
+        out.print(_detail_table(items))
+    if limit and len(items) >= limit:
+        out.print(f"showing the first {limit}; --limit shows more", style="yellow")
 
 
 @deadletters_app.command("replay")
@@ -363,6 +461,7 @@ def deadletters_replay(
     enqueued_after: AfterOpt = None,
     limit: LimitOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would move where; move nothing.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Replay dead letters to the queue they died on (new message id, same leadId; the dead letter is
     completed only after its copy was sent). Exit 1 when some were refused or failed."""
@@ -370,42 +469,71 @@ def deadletters_replay(
 
     settings = _settings()
     flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
+    _say_source(settings)
     transport = make_transport(settings)
     try:
         if dry_run:
             plan = plan_replay(transport, flt, limit=limit)
-            table = Table(title=f"dry run: {len(plan)} dead letter(s) match; nothing moved")
-            for column in ("messageId", "queue", "newMessageId", "reason", "publisher", "replays", "action"):
-                table.add_column(column, overflow="fold")
-            for entry in plan:
-                table.add_row(
-                    entry.message_id,
-                    entry.queue,
-                    entry.new_message_id,
-                    entry.reason or "-",
-                    entry.publisher_id or "-",
-                    str(entry.replay_count),
-                    "refused: replay cap" if entry.refused else "replay",
+            refusals = [entry.refused for entry in plan if entry.refused]
+            if as_json:
+                _emit_json(
+                    {
+                        "matched": len(plan),
+                        "replayed": 0,
+                        "refused": len(refusals),
+                        "errors": [],
+                        "refusals": refusals,
+                        "dryRun": True,
+                        "plan": [entry.to_json() for entry in plan],
+                    }
                 )
-            out.print(table)
-            # The full refusal below the table, where it does not fold the table's rows.
-            for entry in plan:
-                if entry.refused:
-                    out.print(f"would refuse: {escape(entry.refused)}", soft_wrap=True)
+                return
+            _print_plan(plan)
             return
-        with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
-            task = progress.add_task("replay", total=None)
+        total = _matching_total(transport, flt, limit)
+        with _progress("replay", disable=as_json) as progress:
+            task = progress.add_task("replay", total=total)
             # The core reports how many it has dealt with so far (a running total, not a step).
             result = replay(transport, flt, limit=limit, progress=lambda n: progress.update(task, completed=n))
+            progress.update(task, completed=result.matched, total=max(result.matched, total or 0))
     finally:
         transport.close()
-    out.print(f"matched {result.matched}, replayed {result.replayed}, refused {result.refused}")
-    for refusal in result.refusals:
-        console.print(f"[yellow]refused:[/yellow] {escape(refusal)}")
-    for error in result.errors:
-        console.print(f"[red]{escape(error)}[/red]")
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        out.print(f"matched {result.matched}, replayed {result.replayed}, refused {result.refused}")
+        for refusal in result.refusals:
+            console.print(f"[yellow]refused:[/yellow] {escape(refusal)}", soft_wrap=False)
+        for error in result.errors:
+            console.print(f"[red]{escape(error)}[/red]")
     if result.refused or result.errors:
         raise typer.Exit(1)
+
+
+def _print_plan(plan: list[ReplayPlanEntry]) -> None:
+    """The dry run: each dead letter, the queue its copy goes to, and whether it would be refused.
+    The copies' new message ids are in ``--json`` (``plan[].newMessageId``)."""
+    table = Table(title=f"dry run: {len(plan)} dead letter(s) match; nothing moved", **_TABLE)
+    table.add_column("messageId", no_wrap=True)
+    table.add_column("to queue", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("publisher", overflow="ellipsis", no_wrap=True, max_width=12)
+    table.add_column("replays", justify="right")
+    table.add_column("action", no_wrap=True)
+    for entry in plan:
+        table.add_row(
+            entry.message_id,
+            entry.queue,
+            entry.reason or "-",
+            entry.publisher_id or "-",
+            str(entry.replay_count),
+            Text("refused", style=ALERT) if entry.refused else "replay",
+        )
+    out.print(table)
+    # The full refusal below the table, where it does not fold the table's rows.
+    for entry in plan:
+        if entry.refused:
+            out.print(f"would refuse: {escape(entry.refused)}", soft_wrap=False)
 
 
 @deadletters_app.command("purge")
@@ -419,33 +547,51 @@ def deadletters_purge(
     limit: LimitOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be purged; purge nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: delete the matching dead letters for good.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Delete dead letters for good. Needs --yes (or --dry-run to only count)."""
+    """Delete dead letters for good. Needs --yes (or --dry-run to only count). Exit 1 when some failed."""
     from shared.transport import make_transport
 
     settings = _settings()
     flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
+    if not dry_run and not yes:
+        console.print("[red]purge deletes dead letters for good: add --yes to confirm (or --dry-run)[/red]")
+        raise typer.Exit(2)
+    _say_source(settings)
     transport = make_transport(settings)
     try:
         if dry_run:
             items = list_dead_letters(transport, flt, limit=limit or 10_000)
+            if as_json:
+                _emit_json(
+                    {
+                        "matched": len(items),
+                        "purged": 0,
+                        "errors": [],
+                        "dryRun": True,
+                        "messageIds": [item.message_id for item in items],
+                    }
+                )
+                return
             if items:
                 out.print(_summary_table(items, "would be purged"))
             out.print(f"dry run: {len(items)} dead letter(s) match; nothing purged")
             return
-        if not yes:
-            console.print("[red]purge deletes dead letters for good: add --yes to confirm (or --dry-run)[/red]")
-            raise typer.Exit(2)
-        with Progress(TextColumn("purge"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
-            task = progress.add_task("purge", total=None)
+        total = _matching_total(transport, flt, limit)
+        with _progress("purge", disable=as_json) as progress:
+            task = progress.add_task("purge", total=total)
             result = purge(
                 transport, flt, confirm=True, limit=limit, progress=lambda n: progress.update(task, completed=n)
             )
+            progress.update(task, completed=result.matched, total=max(result.matched, total or 0))
     finally:
         transport.close()
-    out.print(f"matched {result.matched}, purged {result.purged}")
-    for error in result.errors:
-        console.print(f"[red]{escape(error)}[/red]")
+    if as_json:
+        _emit_json({**result.to_json(), "dryRun": False})
+    else:
+        out.print(f"matched {result.matched}, purged {result.purged}")
+        for error in result.errors:
+            console.print(f"[red]{escape(error)}[/red]")
     if result.errors:
         raise typer.Exit(1)
 
@@ -463,6 +609,12 @@ def stats(
     from shared.transport import make_transport
 
     settings = _settings()
+    state_source = (
+        f"publisher status in Table Storage {settings.tables_url or '(connection string)'}"
+        if settings.state_backend == "tables"
+        else f"publisher status {(settings.data_dir / STATE_FILE).resolve()}"
+    )
+    _say_source(settings, state_source)
     transport = make_transport(settings)
     try:
         queues = [transport.stats(queue) for queue in STAGE_QUEUES]
@@ -501,24 +653,29 @@ def stats(
         }
         sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
         return
-    table = Table(title="Lead Writer queues")
+    table = Table(title="Lead Writer queues", **_TABLE)
     for column in ("queue", "active", "scheduled", "dead-lettered", "by reason"):
-        table.add_column(column)
+        table.add_column(column, justify="right" if column in ("active", "scheduled", "dead-lettered") else "left")
     for q in queues:
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(q.dead_lettered_by_reason.items())) or "-"
-        table.add_row(q.queue, str(q.active), str(q.scheduled), str(q.dead_lettered), reasons)
+        reasons = Text(", ".join(f"{r}: {n}" for r, n in sorted(q.dead_lettered_by_reason.items())) or "-")
+        if q.dead_lettered:
+            reasons.stylize(ALERT)
+        table.add_row(q.queue, str(q.active), str(q.scheduled), _count(q.dead_lettered), reasons)
     out.print(table)
     if failing:
-        alerts = Table(title="Publishers failing on configuration (they fix it: see docs/runbook.md)")
-        for column in ("publisher", "consecutive failures", "last reason", "last error", "at"):
+        alerts = Table(
+            title="Publishers failing on configuration (they fix it: see docs/runbook.md)",
+            **_TABLE,
+        )
+        for column in ("publisher", "consecutive failures", "last reason", "last error", "at (UTC)"):
             alerts.add_column(column, overflow="fold")
         for s in sorted(failing, key=lambda s: -s.consecutive_config_failures):
             alerts.add_row(
                 s.publisher_id,
-                str(s.consecutive_config_failures),
+                _count(s.consecutive_config_failures),
                 s.last_error_reason or "-",
                 (s.last_error or "-")[:160],
-                s.last_error_at or "-",
+                _when(s.last_error_at or ""),
             )
         out.print(alerts)
     else:

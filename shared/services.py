@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
-from shared.ops.apikeys import ApiKeyStore
+from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
 from shared.pipeline.pipeline import Pipeline
@@ -63,7 +63,7 @@ class Services:
             transport=make_transport(settings),
             secrets=secrets,
             connections=connections,
-            api_keys=ApiKeyStore(secrets),
+            api_keys=ApiKeyStore(StateRecords(state, legacy=secrets)),
             pipeline=Pipeline(settings, connections, pacer=Pacer(penalties=penalties)),
             status=StatusBook(state),
             state=state,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from shared.names import QUEUE_INCOMING
-from shared.ops.apikeys import RECORD_PREFIX
+from shared.ops.apikeys import RECORD_PREFIX, StateRecords
 from shared.secretstore.base import secret_name_for
 from shared.transport.base import OutgoingMessage
 from tests.fixtures.api import ADMIN_KEY, MARKETPLACE_LEAD, ApiStack, api_stack
@@ -185,7 +185,7 @@ def test_issuing_a_key_answers_it_once_and_stores_only_its_hash(stack: ApiStack)
     assert answer.status_code == 201
     assert answer.json()["publisherId"] == "zeta"
     key = answer.json()["key"]
-    record = stack.services.secrets.get(secret_name_for("zeta", prefix=RECORD_PREFIX))
+    record = StateRecords(stack.services.state).get(secret_name_for("zeta", prefix=RECORD_PREFIX))
     assert record is not None
     assert key not in record
     assert all(key not in (stack.services.secrets.get(name) or "") for name in stack.services.secrets.list_names())

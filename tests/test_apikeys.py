@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from shared.ops.apikeys import ApiKeyStore
+from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.secretstore.base import InvalidPublisherId, secret_name_for
 from shared.secretstore.embedded import EmbeddedSecretStore
 from shared.secretstore.keyvault import KeyVaultSecretStore
+from shared.state import EmbeddedStateStore
 
 
 @pytest.fixture
@@ -146,3 +149,22 @@ def test_keys_work_on_key_vault_too(keyvault_secret_store: KeyVaultSecretStore) 
     assert keys.revoke("Contoso") is True
     assert keys.verify(first) is None
     assert keys.verify(keys.issue("Contoso")) == "Contoso"
+
+
+def test_key_records_live_in_the_state_store_and_an_older_record_in_the_secret_store_is_moved_there(
+    embedded_secret_store: EmbeddedSecretStore, tmp_path: Path
+) -> None:
+    state = EmbeddedStateStore(tmp_path / "state.db")
+    older = ApiKeyStore(embedded_secret_store).issue("northwind")
+    keys = ApiKeyStore(StateRecords(state, legacy=embedded_secret_store))
+
+    fresh = keys.issue("contoso")
+
+    assert keys.verify(fresh) == "contoso"
+    assert embedded_secret_store.get(secret_name_for("contoso", prefix="key-")) is None, "no record in the vault"
+    assert keys.verify(older) == "northwind"
+    assert embedded_secret_store.get(secret_name_for("northwind", prefix="key-")) is None, "moved to the state store"
+    assert ApiKeyStore(StateRecords(state)).verify(older) == "northwind"
+    assert keys.revoke("northwind") is True
+    assert ApiKeyStore(StateRecords(state)).verify(older) is None
+    state.close()

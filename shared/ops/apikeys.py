@@ -15,18 +15,20 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Protocol
 
 from shared.cache import TtlCache
+from shared.names import TABLE_API_KEYS
 from shared.secretstore.base import (
     CONTENT_TYPE,
     InvalidPublisherId,
-    SecretStore,
     publisher_id_from_secret_name,
     secret_name_for,
     validate_publisher_id,
 )
+from shared.state.base import StateStore, safe_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ _RECORD_VERSION = 1
 #: Vault, whose transaction budget every instance shares: a request must not cost a vault read. A key
 #: revoked through another instance stops working here within this time.
 RECORD_TTL = 30.0
+_RECORD_ROW = "key"
 _NO_RECORD = ""
 
 
@@ -51,11 +54,11 @@ def _digest(salt: bytes, key: str) -> str:
 
 
 class ApiKeyStore:
-    """Publisher API keys: issued once, stored only as hashes in the SecretStore (name "key-<publisher
-    secret-name suffix>" via secret_name_for(publisher_id, prefix="key-")), compared in constant time,
-    revocable."""
+    """Publisher API keys: issued once, stored only as salted hashes (record "key-<publisher secret-name
+    suffix>" via secret_name_for(publisher_id, prefix="key-")) in a :class:`RecordStore` — the shared
+    state store in a running service — compared in constant time, revocable."""
 
-    def __init__(self, store: SecretStore, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: RecordStore, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._records: TtlCache[str, str] = TtlCache(clock)
 
@@ -147,3 +150,49 @@ class ApiKeyStore:
         except InvalidPublisherId:
             return None
         return publisher_id, name, key_id
+
+
+class RecordStore(Protocol):
+    """Where key records are kept: the part of a secret store's interface this module uses."""
+
+    def get(self, name: str) -> str | None: ...
+
+    def put(
+        self, name: str, value: str, *, content_type: str = ..., tags: Mapping[str, str] | None = None
+    ) -> None: ...
+
+    def delete(self, name: str) -> bool: ...
+
+
+class StateRecords:
+    """Key records in the shared state store (table ``apikeys``): a record is a hash and a salt, not a
+    secret, so it belongs with the state every instance shares rather than in Key Vault. A record
+    still in the secret store (written by an earlier version) is read from there once and moved."""
+
+    def __init__(self, state: StateStore, legacy: RecordStore | None = None) -> None:
+        self._state = state
+        self._legacy = legacy
+
+    def get(self, name: str) -> str | None:
+        entity = self._state.get(TABLE_API_KEYS, safe_key(name), _RECORD_ROW)
+        if entity is not None:
+            value = entity.data.get("record")
+            return value if isinstance(value, str) else None
+        if self._legacy is None:
+            return None
+        value = self._legacy.get(name)
+        if value is not None:
+            self.put(name, value)
+            self._legacy.delete(name)
+        return value
+
+    def put(
+        self, name: str, value: str, *, content_type: str = CONTENT_TYPE, tags: Mapping[str, str] | None = None
+    ) -> None:
+        self._state.upsert(TABLE_API_KEYS, safe_key(name), _RECORD_ROW, {"record": value, **dict(tags or {})})
+
+    def delete(self, name: str) -> bool:
+        removed = self._state.delete(TABLE_API_KEYS, safe_key(name), _RECORD_ROW)
+        if self._legacy is not None and self._legacy.delete(name):
+            removed = True
+        return removed

@@ -81,8 +81,8 @@ var adminKeySecretName = 'leadwriter-admin-key'
 // an admin key under 32. A stored key (32+) is kept as it is, so provisions do not rotate it.
 var adminKeyValue = (length(adminKey) >= 32) ? adminKey : '${adminKey}${replace(adminKeyEntropy, '-', '')}'
 
-// The stage queues, in pipeline order. The names are shared/names.py's STAGE_QUEUES (a test keeps
-// them equal). Timeouts to the CRM and Entra ID: connect 5 s + read 30 s (LEADWRITER_CRM_*_TIMEOUT).
+// The queues: the stage queues in pipeline order, then the jobs queue (shared/names.py
+// SERVICE_BUS_QUEUES; a test keeps them equal). Timeouts to the CRM and Entra ID: connect 5 s + read 30 s (LEADWRITER_CRM_*_TIMEOUT).
 //   leads-incoming, leads-validated: single dispatch, one request per message (35 s); the host
 //     renews their locks for up to maxAutoLockRenewalDuration, so one minute is enough.
 //   leads-ready: write_lead takes up to maxMessageBatchSize (100) messages as one batch; host.json
@@ -95,6 +95,8 @@ var stageQueues = [
   { name: 'leads-incoming', lockDuration: 'PT1M' } // validate_credentials: token request to Entra ID
   { name: 'leads-validated', lockDuration: 'PT1M' } // check_solution: one Dataverse query
   { name: 'leads-ready', lockDuration: 'PT3M' } // write_lead: one $batch of up to 100 leads, fresh-token retry
+  // run_job: one step of a replay/purge job (at most 2000 dead letters); the host renews the lock.
+  { name: 'leadwriter-jobs', lockDuration: 'PT5M' }
 ]
 
 // The state port's tables (shared/names.py STATE_TABLES; a test keeps them equal). Bicep creates

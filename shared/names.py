@@ -9,8 +9,13 @@ QUEUE_INCOMING = "leads-incoming"
 QUEUE_VALIDATED = "leads-validated"
 QUEUE_READY = "leads-ready"
 
+#: Where sweep jobs (replay, purge of many dead letters) wait for the job worker / ``run_job`` trigger.
+QUEUE_JOBS = "leadwriter-jobs"
+
 #: Stage queues in pipeline order.
 STAGE_QUEUES: tuple[str, ...] = (QUEUE_INCOMING, QUEUE_VALIDATED, QUEUE_READY)
+#: Every Service Bus queue the deployment has: the stage queues, then the jobs queue.
+SERVICE_BUS_QUEUES: tuple[str, ...] = (*STAGE_QUEUES, QUEUE_JOBS)
 
 #: The app setting prefix the Service Bus trigger bindings use (identity-based:
 #: ``ServiceBusConnection__fullyQualifiedNamespace``).

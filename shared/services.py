@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
 from shared.ops.apikeys import ApiKeyStore, StateRecords
+from shared.ops.jobs import Jobs
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
 from shared.pipeline.pipeline import Pipeline
@@ -44,6 +45,8 @@ class Services:
     pipeline: Pipeline
     status: StatusBook
     state: StateStore
+    #: Sweep jobs (replay, purge of many dead letters) over the state store and the jobs queue.
+    jobs: Jobs
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -58,20 +61,24 @@ class Services:
         # (Table Storage), at most once a second per CRM user.
         refresh = 1.0 if settings.state_backend == "tables" else 0.0
         penalties = Penalties(StatePenaltyStore(state, refresh_interval=refresh))
+        transport = make_transport(settings)
         return cls(
             settings=settings,
-            transport=make_transport(settings),
+            transport=transport,
             secrets=secrets,
             connections=connections,
             api_keys=ApiKeyStore(StateRecords(state, legacy=secrets)),
             pipeline=Pipeline(settings, connections, pacer=Pacer(penalties=penalties)),
             status=StatusBook(state),
             state=state,
+            jobs=Jobs(state, transport),
         )
 
     @property
     def pacer(self) -> Pacer:
         return self.pipeline.pacer
+
+
 
     def observe(self, settled: Settled) -> None:
         """The settlement observer of every runtime: the status book and the metrics. Raises nothing."""

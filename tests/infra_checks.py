@@ -589,8 +589,10 @@ def check_queues(deployment: Deployment) -> list[str]:
     problems = []
     queues = deployment.of_type(QUEUE_TYPE)
     found = tuple(str(q.name) for q in queues)
-    if found != names.STAGE_QUEUES:
-        problems.append(f"queue names {found} differ from shared/names.py STAGE_QUEUES {names.STAGE_QUEUES}")
+    if found != names.SERVICE_BUS_QUEUES:
+        problems.append(
+            f"queue names {found} differ from shared/names.py SERVICE_BUS_QUEUES {names.SERVICE_BUS_QUEUES}"
+        )
     for queue in queues:
         props = queue.properties
         label = f"queue {queue.name} ({queue.where()})"
@@ -1016,8 +1018,9 @@ def check_app_settings(deployment: Deployment) -> list[str]:
 
 def _queue_access_needed() -> dict[str, set[str]]:
     """Queue → roles the app identity needs, from the pipeline (architecture §2, §5, §6)."""
-    needed: dict[str, set[str]] = {queue: set() for queue in names.STAGE_QUEUES}
+    needed: dict[str, set[str]] = {queue: set() for queue in names.SERVICE_BUS_QUEUES}
     needed[names.QUEUE_INCOMING].add(SB_DATA_SENDER)  # HTTP ingest
+    needed[names.QUEUE_JOBS].update({SB_DATA_RECEIVER, SB_DATA_SENDER})  # run_job; the API queues a job's first step
     for position, queue in enumerate(names.STAGE_QUEUES):
         needed[queue].add(SB_DATA_RECEIVER)  # the stage's trigger; the API's dead-letter list/replay/purge
         needed[queue].add(SB_DATA_SENDER)  # a retry is rescheduled onto the same queue; replay

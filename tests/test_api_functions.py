@@ -40,7 +40,7 @@ def test_the_http_api_is_registered_as_an_anonymous_catch_all_http_function() ->
 
 
 def test_the_function_app_registers_the_http_api_beside_the_three_stages() -> None:
-    assert set(registered()) == {"validate_credentials", "check_solution", "write_lead", "http_api"}
+    assert set(registered()) == {"validate_credentials", "check_solution", "write_lead", "run_job", "http_api"}
     for name, queue in (
         ("validate_credentials", QUEUE_INCOMING),
         ("check_solution", QUEUE_VALIDATED),

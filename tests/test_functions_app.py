@@ -43,7 +43,7 @@ def test_the_http_api_is_one_anonymous_catch_all_http_trigger() -> None:
     assert trigger["type"] == "httpTrigger"
     assert trigger["route"] == "{*route}"
     assert str(trigger["authLevel"].value) == func.AuthLevel.ANONYMOUS.value
-    assert set(registered()) == {"validate_credentials", "check_solution", "write_lead", "http_api"}
+    assert set(registered()) == {"validate_credentials", "check_solution", "write_lead", "run_job", "http_api"}
 
 
 class RecordingActions:

@@ -46,8 +46,8 @@ def test_the_real_infra_passes_every_offline_check() -> None:
     assert checks.run_all(ROOT) == []
 
 
-def test_bicep_queue_names_are_the_stage_queues_of_names_py(deployment: checks.Deployment) -> None:
-    assert checks.bicep_queue_names(deployment) == names.STAGE_QUEUES
+def test_bicep_queue_names_are_the_queues_of_names_py(deployment: checks.Deployment) -> None:
+    assert checks.bicep_queue_names(deployment) == names.SERVICE_BUS_QUEUES
 
 
 def test_every_leadwriter_setting_bicep_sets_is_a_settings_alias(deployment: checks.Deployment) -> None:
@@ -195,7 +195,7 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
         "{ name: 'leads-ready', lockDuration: 'PT3M' }",
         "{ name: 'leads-write', lockDuration: 'PT3M' }",
         checks.check_queues,
-        "STAGE_QUEUES",
+        "SERVICE_BUS_QUEUES",
     ),
     (
         "storage_connection_string_setting",

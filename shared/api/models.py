@@ -214,6 +214,11 @@ class ConnectionAnswer(ApiModel):
     replay_error: str | None = Field(
         default=None, description="Why those dead letters could not be sent again now (they stay for ops)."
     )
+    replay_job_id: str | None = Field(
+        default=None,
+        description="When there were too many to send again within the request: the job doing it "
+        "(`GET /api/jobs/{jobId}`).",
+    )
     test_lead: dict[str, Any] | None = Field(
         default=None,
         description="With `?sendTestLead=true`: the `MSFT_TEST` lead written to the CRM (`leadId`, `recordId`, "
@@ -406,6 +411,50 @@ class ReplayAnswer(ApiModel):
         description="Dry run only: for each dead letter, `messageId`, the `queue` it goes back to, the "
         "`newMessageId` of its copy, `reason`, `publisherId`, `replayCount`, and `refused` when it would not be sent.",
     )
+
+
+class JobAccepted(ApiModel):
+    """A sweep too large for one request: it runs as a job; follow it at `GET /api/jobs/{jobId}`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"jobId": "3f2a9c…", "matched": 25000}]})
+
+    job_id: str = Field(description="The job.")
+    matched: int = Field(description="Dead letters the selection matched when the job was queued.")
+
+
+class JobAnswer(ApiModel):
+    """A sweep job's progress."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobId": "3f2a9c…",
+                    "kind": "replay",
+                    "state": "running",
+                    "matched": 25000,
+                    "processed": 4000,
+                    "replayed": 4000,
+                    "refused": 0,
+                    "errors": [],
+                    "createdAt": "2026-12-01T10:00:00+00:00",
+                    "updatedAt": "2026-12-01T10:00:41+00:00",
+                }
+            ]
+        }
+    )
+
+    job_id: str = Field(description="The job.")
+    kind: str = Field(description="`replay` or `purge`.")
+    state: str = Field(description="`queued`, `running`, `done` or `failed`.")
+    matched: int = Field(description="Dead letters the selection matched when the job was queued.")
+    processed: int = Field(description="Dead letters dealt with so far.")
+    replayed: int | None = Field(default=None, description="Sent again so far (replay).")
+    purged: int | None = Field(default=None, description="Deleted so far (purge).")
+    refused: int = Field(default=0, description="Not replayed: replayed too often already.")
+    errors: list[str] = Field(default=[], description="The latest dead letters that could not be dealt with.")
+    created_at: str = Field(description="When the job was queued (UTC).")
+    updated_at: str | None = Field(default=None, description="Its latest progress (UTC).")
 
 
 class PurgeAnswer(ApiModel):

@@ -19,6 +19,8 @@ from shared.api.models import (
     ErrorAnswer,
     FailingPublisher,
     IssuedKey,
+    JobAccepted,
+    JobAnswer,
     PurgeAnswer,
     PurgeBody,
     QueueStatsAnswer,
@@ -29,6 +31,7 @@ from shared.api.models import (
 from shared.errors import InvalidFilter
 from shared.names import STAGE_QUEUES
 from shared.ops.deadletters import DeadLetterFilter, list_dead_letters, plan_replay, purge, replay
+from shared.ops.jobs import JobKind
 from shared.secretstore.base import validate_publisher_id
 from shared.services import Services
 
@@ -149,9 +152,42 @@ def replay_dead_letters(body: ReplayBody, _admin: AdminAccess, services: Service
             dry_run=True,
             plan=[entry.to_json() for entry in plan],
         )
+    accepted = _as_job(services, "replay", flt, body.limit)
+    if accepted is not None:
+        return accepted
     result = replay(services.transport, flt, limit=body.limit)
     logger.info("admin replay: matched=%d replayed=%d", result.matched, result.replayed)
     return ReplayAnswer.model_validate(result.to_json())
+
+
+def _as_job(services: Services, kind: JobKind, flt: DeadLetterFilter, limit: int | None) -> JSONResponse | None:
+    """A sweep that could outlast the request is queued as a job: its 202 answer; None to run it here."""
+    matched = services.jobs.too_large(flt, limit)
+    if matched is None:
+        return None
+    job = services.jobs.submit(kind, flt, matched)
+    answer = JobAccepted(job_id=job.job_id, matched=matched)
+    return JSONResponse(answer.model_dump(by_alias=True), status_code=202)
+
+
+@router.get(
+    "/api/jobs/{jobId}",
+    response_model=JobAnswer,
+    response_model_exclude_none=True,
+    responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "No such job."}},
+    summary="A sweep job's progress",
+    description="A replay or purge too large for one request runs as a job (the request answered 202 with its "
+    "`jobId`); this is how far it got.",
+)
+def get_job(
+    job_id: Annotated[str, Path(alias="jobId", max_length=64, pattern="^[0-9a-f]{1,64}$")],
+    _admin: AdminAccess,
+    services: ServicesDep,
+) -> JobAnswer | JSONResponse:
+    job = services.jobs.get(job_id)
+    if job is None:
+        return error_response(404, f"no job {job_id}")
+    return JobAnswer.model_validate(job.to_json())
 
 
 @router.post(
@@ -172,6 +208,9 @@ def purge_dead_letters(body: PurgeBody, _admin: AdminAccess, services: ServicesD
         flt = _filter(body)
     except InvalidFilter as exc:
         return _bad_filter(exc)
+    accepted = _as_job(services, "purge", flt, body.limit)
+    if accepted is not None:
+        return accepted
     result = purge(services.transport, flt, confirm=True, limit=body.limit)
     logger.info("admin purge: matched=%d purged=%d", result.matched, result.purged)
     return PurgeAnswer.model_validate(result.to_json())

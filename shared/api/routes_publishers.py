@@ -95,18 +95,23 @@ def _verification_failed(report: VerificationReport) -> JSONResponse:
     )
 
 
-def _replay_configuration(services: Services, publisher_id: str) -> tuple[int, str | None]:
-    """Replay the publisher's configuration dead letters of every stage queue: (replayed, error)."""
+def _replay_configuration(services: Services, publisher_id: str) -> tuple[int, str | None, str | None]:
+    """Replay the publisher's configuration dead letters of every stage queue: (replayed, error, job id).
+    Many of them are replayed by a job (as a replay from ops would be), not inside the request."""
     flt = DeadLetterFilter.build(
         publisher_id=publisher_id, reason=sorted(str(reason) for reason in CONFIGURATION_REASONS)
     )
     try:
+        matched = services.jobs.too_large(flt)
+        if matched is not None:
+            job = services.jobs.submit("replay", flt, matched)
+            return 0, None, job.job_id
         result = replay(services.transport, flt)
     except Exception as exc:  # noqa: BLE001 - the connection is stored; replay can be re-run by ops
         logger.warning("auto-replay for publisher %s failed: %s", publisher_id, type(exc).__name__)
-        return 0, "the dead letters could not be replayed now; they stay dead-lettered for ops to replay"
+        return 0, "the dead letters could not be replayed now; they stay dead-lettered for ops to replay", None
     logger.info("auto-replayed %d configuration dead letters of publisher %s", result.replayed, publisher_id)
-    return result.replayed, None
+    return result.replayed, None, None
 
 
 @router.put(
@@ -148,13 +153,14 @@ def put_connection(
         publisher_id,
         "verified" if report else "not verified",
     )
-    replayed, replay_error = _replay_configuration(services, publisher_id) if report else (0, None)
+    replayed, replay_error, job_id = _replay_configuration(services, publisher_id) if report else (0, None, None)
     return ConnectionAnswer(
         publisher_id=publisher_id,
         connection=connection.redacted(),
         verification=report.to_json() if report else None,
         replayed=replayed,
         replay_error=replay_error,
+        replay_job_id=job_id,
     )
 
 

@@ -90,8 +90,14 @@ def serve(
         raise typer.Exit(2) from None
     services = Services.from_settings(settings)
     runtime = None
+    job_worker = None
     if workers:
         runtime = services.stage_runtime().start()
+        if settings.runtime == "embedded":
+            # With LEADWRITER_RUNTIME=functions the registered run_job trigger consumes the jobs queue.
+            from shared.ops.jobs import JobWorker
+
+            job_worker = JobWorker(services.jobs, services.transport).start()
         what = "registered Functions triggers" if settings.runtime == "functions" else "stage workers"
         console.print(f"[green]{what} running[/green]")
     # Our handlers are in place before uvicorn's: uvicorn handles SIGINT/SIGTERM while it runs, then
@@ -122,6 +128,8 @@ def serve(
         if runtime is not None:
             console.print("stopping: in-flight messages finish, held ones are released")
             runtime.stop()
+        if job_worker is not None:
+            job_worker.stop()
         services.close()
 
 

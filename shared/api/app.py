@@ -20,11 +20,14 @@ from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
 from shared.names import QUEUE_INCOMING
+from shared.pipeline.identity import SeenIds, SqliteSeenIds
 from shared.pipeline.lead import MAX_BODY_BYTES
 from shared.services import Services
 
 logger = logging.getLogger(__name__)
 
+#: The file of the default seen-id table, in the data dir.
+SEEN_IDS_FILE = "ingest-seen.db"
 #: Seconds a health check may take before its backend counts as not answering.
 HEALTH_TIMEOUT = 5.0
 #: A secret name no one stores: reading it proves the store answers, and costs a miss.
@@ -49,8 +52,12 @@ async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
     return name, "ok"
 
 
-def create_app(services: Services) -> FastAPI:
-    """The HTTP API over ``services``. Raises nothing; backends are first used per request."""
+def create_app(services: Services, *, seen_ids: SeenIds | None = None) -> FastAPI:
+    """The HTTP API over ``services``. Raises nothing; backends are first used per request.
+
+    ``seen_ids`` records the lead ids ingest has accepted, so a repeated POST is answered as a
+    duplicate; by default a SQLite file in the data dir (``ingest-seen.db``).
+    """
     app = FastAPI(
         title="Lead Writer",
         version="1.0",
@@ -60,6 +67,7 @@ def create_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    app.state.seen_ids = seen_ids if seen_ids is not None else SqliteSeenIds(services.settings.data_dir / SEEN_IDS_FILE)
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
 

@@ -116,8 +116,11 @@ class PublisherStatusAnswer(ApiModel):
 
 
 class IngestAnswer(ApiModel):
-    lead_id: str
+    lead_id: str = Field(description="the lead's id: leadId, the Idempotency-Key header, or derived from the content")
     queued: bool
+    duplicate: bool = Field(
+        default=False, description="true when this lead was accepted before (answered 200 instead of 202)"
+    )
 
 
 # -- dead letters and stats ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from shared.api import routes_admin, routes_publishers
 from shared.api.errors import install_error_handlers
+from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
 from shared.names import QUEUE_INCOMING
@@ -66,6 +67,8 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None) -> FastAP
         docs_url="/api/docs",
         redoc_url=None,
     )
+    # The server around the app logs URLs (uvicorn's access log), and an ingest URL carries ?key=.
+    install_log_redaction()
     app.state.services = services
     app.state.seen_ids = seen_ids if seen_ids is not None else SqliteSeenIds(services.settings.data_dir / SEEN_IDS_FILE)
     install_error_handlers(app)

@@ -20,7 +20,7 @@ from shared.simulator import batch as batching
 from shared.simulator.faults import Fault
 from shared.simulator.limits import Rejection
 from shared.simulator.server import Request, Response, parse_target
-from shared.simulator.state import Directory, OrgState, Principal
+from shared.simulator.state import ROLE_PRIVILEGES, Directory, OrgState, Principal
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ _PRIVILEGES = re.compile(
 )
 _FILTER_NAME = re.compile(r"uniquename\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 
-#: Privileges of the Lead Writer security role (DESIGN §1).
-ROLE_PRIVILEGES = (
-    "prvCreateLead",
-    "prvReadLead",
-    "prvWriteLead",
-    "prvReadSolution",
-    "prvCreateUserEntityUISettings",
-    "prvReadUserEntityUISettings",
-    "prvWriteUserEntityUISettings",
-)
 #: What every user has without any role assigned.
 BASE_PRIVILEGES = ("prvReadOrganization",)
 _PRIVILEGE_IDS = {
@@ -301,7 +291,7 @@ class DataverseApp:
         )
 
     def _solutions(self, call: Call, principal: Principal) -> Response:
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvReadSolution"):
             return self._missing_privilege(principal, "prvReadSolution", "solution")
         org = self._org
         with org.lock:
@@ -335,7 +325,7 @@ class DataverseApp:
             subject = next((p for p in org.principals.values() if p.system_user_id.lower() == user_id), None)
         if subject is None:
             return dataverse_error(404, "0x80040217", f"systemuser With Id = {user_id} Does Not Exist")
-        names = BASE_PRIVILEGES + (ROLE_PRIVILEGES if subject.has_role else ())
+        names = BASE_PRIVILEGES + tuple(name for name in ROLE_PRIVILEGES if org.grants(subject, name))
         return _json(
             200,
             {
@@ -374,7 +364,7 @@ class DataverseApp:
         return Response(204, b"", [_ODATA, *headers])
 
     def _get_lead(self, principal: Principal, lead_id: str) -> Response:
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvReadLead"):
             return self._missing_privilege(principal, "prvReadLead", "lead")
         with self._org.lock:
             record = self._org.leads.get(lead_id)
@@ -386,7 +376,7 @@ class DataverseApp:
         body, problem = _parse_lead(call.body)
         if problem is not None:
             return problem
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvCreateLead"):
             return self._missing_privilege(principal, "prvCreateLead", "lead")
         lead_id = str(body.get("leadid") or uuid.uuid4()).lower()
         problem = _check_values(body, self._org.lead_source_codes)
@@ -412,8 +402,8 @@ class DataverseApp:
         org = self._org
         with org.lock:
             existing = org.leads.get(lead_id)
-            if not principal.has_role:
-                privilege = "prvWriteLead" if existing is not None and not create_only else "prvCreateLead"
+            privilege = "prvWriteLead" if existing is not None and not create_only else "prvCreateLead"
+            if not org.grants(principal, privilege):
                 return self._missing_privilege(principal, privilege, "lead")
             if create_only and existing is not None:
                 return dataverse_error(412, "0x80060882", "A record with matching key values already exists.")

@@ -22,6 +22,7 @@ from shared.simulator.limits import Limits, ServiceProtection
 from shared.simulator.server import Listener, server_context
 from shared.simulator.state import (
     DEFAULT_LEAD_SOURCE_CODES,
+    ROLE_PRIVILEGES,
     SOLUTION_UNIQUE_NAME,
     Directory,
     OrgState,
@@ -123,6 +124,8 @@ class CrmSimulator:
             )
         for app in spec.apps:
             self.add_app(spec.name, app.client_id, app.client_secret, has_role=app.has_role)
+        if spec.missing_privileges:
+            self.set_missing_privileges(spec.name, spec.missing_privileges)
         return org
 
     def start(self) -> CrmSimulator:
@@ -338,6 +341,19 @@ class CrmSimulator:
         with state.lock:
             state.solution_version = version
 
+    def set_missing_privileges(self, org: str, privileges: Iterable[str]) -> None:
+        """Take ``privileges`` out of the org's Lead Writer role (and give back every other one), so its
+        holders lack exactly those: RetrieveUserPrivileges no longer lists them and the calls that need
+        them answer 403 naming them. Raises KeyError for an unknown org, ValueError for a privilege the
+        role does not have (see ``ROLE_PRIVILEGES``)."""
+        names = set(privileges)
+        unknown = sorted(names - set(ROLE_PRIVILEGES))
+        if unknown:
+            raise ValueError(f"not privileges of the Lead Writer role: {', '.join(unknown)}")
+        state = self._directory.org(org)
+        with state.lock:
+            state.missing_privileges = names
+
     def faults(self, org: str) -> Faults:
         """The fault settings of ``org``. Raises KeyError when unknown."""
         return self._directory.org(org).faults
@@ -397,6 +413,7 @@ class CrmSimulator:
                     "maxConcurrent": state.limits.limits.max_concurrent,
                 },
                 "leadSourceCodes": sorted(state.lead_source_codes),
+                "missingPrivileges": sorted(state.missing_privileges),
                 "users": users,
                 "apps": apps,
                 "leads": len(state.leads),

@@ -123,6 +123,20 @@ ROLE_PRIVILEGES: tuple[str, ...] = (
 )
 
 
+@dataclass
+class CrmRecords:
+    """The records of one org beyond leads that mappings refer to (shared/simulator/metadata.py serves
+    them): custom ``lead`` columns, campaigns, extra system users, teams, contacts and accounts."""
+
+    #: Custom lead columns: logical name → (AttributeType, MaxLength or None), e.g. ("String", 100).
+    columns: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    campaigns: dict[str, str] = field(default_factory=dict)  # id → name
+    system_users: dict[str, str] = field(default_factory=dict)  # id → full name (besides the principals)
+    teams: dict[str, str] = field(default_factory=dict)  # id → name
+    contacts: dict[str, str] = field(default_factory=dict)  # id → emailaddress1
+    accounts: dict[str, str] = field(default_factory=dict)  # id → emailaddress1
+
+
 @dataclass(eq=False)
 class OrgState:
     """One simulated Dataverse org."""
@@ -147,6 +161,7 @@ class OrgState:
     lock: threading.RLock = field(default_factory=threading.RLock)
     #: Privileges taken out of this org's Lead Writer role (a customised or damaged role).
     missing_privileges: set[str] = field(default_factory=set)
+    records: CrmRecords = field(default_factory=CrmRecords)
 
     def grants(self, principal: Principal, privilege: str) -> bool:
         """Whether ``principal`` holds ``privilege`` through the Lead Writer role of this org."""

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api import routes_admin, routes_publishers
+from shared.api import routes_admin, routes_mapping, routes_publishers
 from shared.api.errors import install_error_handlers
 from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
@@ -23,12 +23,15 @@ from shared.api.models import HealthAnswer
 from shared.names import QUEUE_INCOMING
 from shared.pipeline.identity import SeenIds, SqliteSeenIds
 from shared.pipeline.lead import MAX_BODY_BYTES
+from shared.pipeline.mapping_store import MappingStore, SqliteMappingStore
 from shared.services import Services
 
 logger = logging.getLogger(__name__)
 
 #: The file of the default seen-id table, in the data dir.
 SEEN_IDS_FILE = "ingest-seen.db"
+#: The file of the default mapping store, in the data dir.
+MAPPINGS_FILE = "mappings.db"
 #: Seconds a health check may take before its backend counts as not answering.
 HEALTH_TIMEOUT = 5.0
 #: A secret name no one stores: reading it proves the store answers, and costs a miss.
@@ -53,11 +56,12 @@ async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
     return name, "ok"
 
 
-def create_app(services: Services, *, seen_ids: SeenIds | None = None) -> FastAPI:
+def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings: MappingStore | None = None) -> FastAPI:
     """The HTTP API over ``services``. Raises nothing; backends are first used per request.
 
     ``seen_ids`` records the lead ids ingest has accepted, so a repeated POST is answered as a
-    duplicate; by default a SQLite file in the data dir (``ingest-seen.db``).
+    duplicate; ``mappings`` keeps publishers' mappings. By default each is a SQLite file in the data dir
+    (``ingest-seen.db``, ``mappings.db``), created on first use.
     """
     app = FastAPI(
         title="Lead Writer",
@@ -71,6 +75,9 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None) -> FastAP
     install_log_redaction()
     app.state.services = services
     app.state.seen_ids = seen_ids if seen_ids is not None else SqliteSeenIds(services.settings.data_dir / SEEN_IDS_FILE)
+    app.state.mappings = (
+        mappings if mappings is not None else SqliteMappingStore(services.settings.data_dir / MAPPINGS_FILE)
+    )
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
 
@@ -93,5 +100,6 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None) -> FastAP
         return JSONResponse(answer.model_dump(by_alias=True), status_code=200 if ok else 503)
 
     app.include_router(routes_publishers.router)
+    app.include_router(routes_mapping.router)
     app.include_router(routes_admin.router)
     return app

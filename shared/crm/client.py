@@ -207,6 +207,20 @@ class DataverseClient:
         held = {str(p.get("PrivilegeName", "")).lower() for p in privileges if isinstance(p, dict)}
         return [name for name in required if name.lower() not in held]
 
+    def get_json(self, path: str, *, operation: str = "query", missing_ok: bool = False) -> Any:
+        """``GET <API_PATH><path>`` (path relative to the Web API root, query included) and its JSON body.
+
+        With ``missing_ok``, a 404 (the record does not exist) answers None. Raises LeadRejected (400),
+        PermissionDenied (401/403, redirect, or 404 without ``missing_ok``), CrmThrottled, CrmUnavailable
+        (network, 5xx, a body that is not JSON), and the token provider's errors.
+        """
+        response = self._request("GET", path, operation=operation)
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code != 200:
+            raise _failure(response, operation)
+        return self._json(response, operation)
+
     def create_lead(self, lead: LeadWrite) -> WriteResult:
         """Create the lead unless a record with its id exists (``PATCH`` + ``If-None-Match: *``).
 

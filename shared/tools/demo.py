@@ -37,7 +37,7 @@ from shared.simulator import CrmSimulator
 
 console = Console()
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "leads.jsonl"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "leads.jsonl"
 DEMO_DIR = Path(".leadwriter") / "demo"
 
 

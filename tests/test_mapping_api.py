@@ -241,3 +241,20 @@ def test_storing_a_mapping_replays_the_publishers_lead_rejected_dead_letters(
     assert answer.status_code == 200
     assert answer.json()["replayed"] == 1
     assert transport.peek_dead_letters(QUEUE_READY) == []
+
+
+def test_a_mapping_for_a_connection_that_no_longer_signs_in_is_refused_422_with_the_reason(
+    stack: ApiStack, simulator: CrmSimulator, org: SimOrg
+) -> None:
+    bad = password_body(org, password="Wrong-Passw0rd!")
+    assert (
+        stack.client.put(
+            f"/api/publishers/{org.name}/connection?verify=false", json=bad, headers=stack.admin()
+        ).status_code
+        == 200
+    )
+    answer = stack.client.put(f"/api/publishers/{org.name}/mapping", json={"leadSourceCode": 8}, headers=stack.admin())
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["reason"] == "CredentialsRejected"
+    assert answer.json()["field"] == "connection"
+    assert "Wrong-Passw0rd!" not in answer.text

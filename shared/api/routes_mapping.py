@@ -19,7 +19,7 @@ from shared.api.auth import PUBLISHER, GuardedRoute, Principal, services_of
 from shared.api.errors import error_response
 from shared.api.models import ApiModel, ErrorAnswer
 from shared.crm.metadata import validate_mapping
-from shared.errors import DeadLetterReason, PermissionDenied
+from shared.errors import DeadLetter, DeadLetterReason, PermissionDenied
 from shared.ops.deadletters import DeadLetterFilter, replay
 from shared.pipeline.mapping import ValidatedMapping, parse_mapping
 from shared.pipeline.mapping_store import MappingStore
@@ -102,6 +102,7 @@ def put_mapping(
 ) -> MappingAnswer | JSONResponse:
     """Parse, validate live (unless ``?validate=false``), store; then replay ``LeadRejected`` dead letters.
 
+    A stored connection that does not work answers 422 with its DESIGN §5 reason.
     Raises InvalidPublisherId / InvalidMapping (422) and RetryLater (503), answered by the app.
     """
     validate_publisher_id(publisher_id)
@@ -121,6 +122,14 @@ def put_mapping(
             return error_response(
                 422,
                 f"the CRM refused to show what the mapping needs: {exc.message}",
+                reason=str(exc.reason),
+            )
+        except DeadLetter as exc:
+            # The stored connection does not work (credentials rejected, …): the mapping cannot be checked.
+            return error_response(
+                422,
+                f"the mapping could not be checked against the CRM: {exc.message}",
+                field="connection",
                 reason=str(exc.reason),
             )
     else:

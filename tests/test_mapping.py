@@ -209,3 +209,16 @@ def test_templated_standard_columns_never_exceed_their_length_or_split_a_surroga
         if isinstance(value, str):
             assert utf16_length(value) <= limit
             value.encode("utf-8")  # no lone surrogate
+
+
+def test_one_lead_per_customer_and_offer_gives_every_step_of_a_customer_on_an_offer_one_record_id() -> None:
+    from shared.pipeline.mapping import customer_offer_record_id
+
+    mapping = parse_mapping({"onePerCustomerAndOffer": True})
+    plt = message(ActionCode="PLT", UserDetails={"Email": "Ada@Example.com"})
+    ins = message(ActionCode="INS", UserDetails={"Email": "ada@example.com "})
+    other_offer = message(LeadSource="AppSource-INS|contoso.other", UserDetails={"Email": "ada@example.com"})
+    assert customer_offer_record_id(plt, mapping) == customer_offer_record_id(ins, mapping) is not None
+    assert customer_offer_record_id(other_offer, mapping) != customer_offer_record_id(ins, mapping)
+    assert customer_offer_record_id(ins, parse_mapping({})) is None
+    assert customer_offer_record_id(message(UserDetails={"Company": "Contoso"}), mapping) is None

@@ -27,6 +27,7 @@ from shared.errors import InvalidInput
 from shared.pipeline.lead import (
     ACTION_DESCRIPTIONS,
     COLUMN_MAX_LENGTHS,
+    LEAD_RECORD_NAMESPACE,
     LeadMessage,
     to_dataverse_columns,
     truncate_utf16,
@@ -304,3 +305,22 @@ def columns_for(lead: LeadMessage, mapping: Mapping | None, *, link: uuid.UUID |
         table = "contacts" if mapping.link_existing == "contact" else "accounts"
         columns[f"parent{mapping.link_existing}id@odata.bind"] = f"/{table}({link})"
     return columns
+
+
+def customer_offer_record_id(lead: LeadMessage, mapping: Mapping | None) -> uuid.UUID | None:
+    """With ``onePerCustomerAndOffer``, the Dataverse id every step of one customer (e-mail, case-folded)
+    on one offer (``publisher.offer``, else the offer title) shares — so the first step's create makes
+    the lead and a later step's create answers 412 (already there) and becomes an update of that lead.
+    None when the option is off or the lead has no e-mail or offer (it is then written as its own lead).
+
+    The UUIDv5 name is ``<publisherId>/customer-offer/<len>:<email>/<offer>`` in the lead namespace: it
+    equals a per-lead id (:func:`~shared.pipeline.lead.lead_record_id`) only for a ``leadId`` that is itself
+    ``customer-offer/…``, which neither the marketplace nor a content-derived id is. Raises nothing.
+    """
+    if mapping is None or not mapping.one_per_customer_and_offer:
+        return None
+    email = (lead.lead.customer.email or "").strip().casefold()
+    offer = (lead.lead.publisher_offer or lead.lead.offer_title or "").strip().casefold()
+    if not email or not offer:
+        return None
+    return uuid.uuid5(LEAD_RECORD_NAMESPACE, f"{lead.publisher_id}/customer-offer/{len(email)}:{email}/{offer}")

@@ -349,8 +349,10 @@ def _ingest_lead_id(
         return given
     if key is not None:
         return key
+    if lead is None:
+        raise InvalidLead("the message has no lead object", field="lead")
     if not isinstance(lead, Mapping):
-        raise InvalidLead(f"lead must be an object, got {type(lead).__name__}", field="lead")
+        raise InvalidLead("lead must be an object", field="lead")
     try:
         return content_lead_id(publisher_id, lead)
     except ValueError:

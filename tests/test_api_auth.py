@@ -28,6 +28,8 @@ PUBLISHER_ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/api/publishers/{p}/connection/test", None),
     ("GET", "/api/publishers/{p}/status", None),
     ("POST", "/api/publishers/{p}/leads", dict(MARKETPLACE_LEAD)),
+    ("PUT", "/api/publishers/{p}/mapping?validate=false", {"leadSourceCode": 8}),
+    ("GET", "/api/publishers/{p}/mapping", None),
 ]
 ADMIN_ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/api/admin/publishers/{p}/keys", None),

@@ -70,10 +70,10 @@ def test_a_marketplace_lead_is_wrapped_in_a_design_message_and_queued(stack: Api
 def test_a_full_message_keeps_its_lead_id_and_a_repeated_post_is_queued_once(stack: ApiStack) -> None:
     key = stack.key_for("contoso")
     message = {"leadId": "mkt-000123", "lead": {"userDetails": {"email": "grace@example.com"}}}
-    for _ in range(2):
-        answer = stack.client.post("/api/publishers/contoso/leads", params={"key": key}, json=message)
-        assert answer.status_code == 202
-        assert answer.json()["leadId"] == "mkt-000123"
+    answers = [stack.client.post("/api/publishers/contoso/leads", params={"key": key}, json=message) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 200]
+    assert [a.json()["leadId"] for a in answers] == ["mkt-000123"] * 2
+    assert [a.json()["duplicate"] for a in answers] == [False, True]
     queued = _queued(stack.services.transport)
     assert [m.message_id for m in queued] == ["mkt-000123"]
     assert json.loads(queued[0].body)["publisherId"] == "contoso"

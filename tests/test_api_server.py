@@ -132,6 +132,7 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/publishers/{publisherId}/connection/test": {"post"},
         "/api/publishers/{publisherId}/status": {"get"},
         "/api/publishers/{publisherId}/leads": {"post"},
+        "/api/publishers/{publisherId}/mapping": {"get", "put"},
         "/api/deadletters": {"get"},
         "/api/deadletters/replay": {"post"},
         "/api/deadletters/purge": {"post"},

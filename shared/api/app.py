@@ -16,16 +16,23 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api import routes_admin, routes_console, routes_publishers, routes_whoami
+from shared.api import routes_admin, routes_console, routes_mapping, routes_publishers, routes_whoami
 from shared.api.errors import install_error_handlers
+from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
 from shared.names import QUEUE_INCOMING
+from shared.pipeline.identity import SeenIds, SqliteSeenIds
 from shared.pipeline.lead import MAX_BODY_BYTES
+from shared.pipeline.mapping_store import MappingStore, SqliteMappingStore
 from shared.services import Services
 
 logger = logging.getLogger(__name__)
 
+#: The file of the default seen-id table, in the data dir.
+SEEN_IDS_FILE = "ingest-seen.db"
+#: The file of the default mapping store, in the data dir.
+MAPPINGS_FILE = "mappings.db"
 #: Seconds a health check may take before its backend counts as not answering.
 HEALTH_TIMEOUT = 5.0
 #: Seconds a health answer is reused: anonymous traffic on /api/health must not become backend
@@ -67,8 +74,13 @@ async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
     return name, "ok"
 
 
-def create_app(services: Services) -> FastAPI:
-    """The HTTP API over ``services``. Raises nothing; backends are first used per request."""
+def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings: MappingStore | None = None) -> FastAPI:
+    """The HTTP API over ``services``. Raises nothing; backends are first used per request.
+
+    ``seen_ids`` records the lead ids ingest has accepted, so a repeated POST is answered as a
+    duplicate; ``mappings`` keeps publishers' mappings. By default each is a SQLite file in the data dir
+    (``ingest-seen.db``, ``mappings.db``), created on first use.
+    """
     app = FastAPI(
         title="Lead Writer",
         version="1.0",
@@ -79,7 +91,13 @@ def create_app(services: Services) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    # The server around the app logs URLs (uvicorn's access log), and an ingest URL carries ?key=.
+    install_log_redaction()
     app.state.services = services
+    app.state.seen_ids = seen_ids if seen_ids is not None else SqliteSeenIds(services.settings.data_dir / SEEN_IDS_FILE)
+    app.state.mappings = (
+        mappings if mappings is not None else SqliteMappingStore(services.settings.data_dir / MAPPINGS_FILE)
+    )
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
     health_lock = asyncio.Lock()
@@ -119,6 +137,7 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse(answer.model_dump(by_alias=True), status_code=200 if ok else 503)
 
     app.include_router(routes_publishers.router)
+    app.include_router(routes_mapping.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_whoami.router)
     app.include_router(routes_console.router)

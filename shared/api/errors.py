@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InvalidLead, InvalidPublisherId, RetryLater, UnsafeCrmUrl
+from shared.errors import InvalidInput, InvalidLead, InvalidPublisherId, RetryLater, UnsafeCrmUrl
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,12 @@ async def _invalid_lead(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, exc.message, field=exc.field or "body", reason=str(exc.reason))
 
 
+async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
+    # Any other InvalidInput (an Idempotency-Key header, a mapping): its message is composed by us.
+    assert isinstance(exc, InvalidInput)
+    return error_response(422, exc.message, field=exc.field or "body")
+
+
 async def _retry_later(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RetryLater)
     logger.warning("answering 503: %s", type(exc).__name__)
@@ -119,4 +125,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidPublisherId, _invalid_publisher_id)
     app.add_exception_handler(UnsafeCrmUrl, _unsafe_url)
     app.add_exception_handler(InvalidLead, _invalid_lead)
+    app.add_exception_handler(InvalidInput, _invalid_input)
     app.add_exception_handler(RetryLater, _retry_later)

@@ -292,14 +292,21 @@ class PublisherStatusAnswer(ApiModel):
 
 
 class IngestAnswer(ApiModel):
-    """The lead was accepted and queued for delivery."""
+    """The lead was accepted and queued for delivery (202), or was accepted before (200, a duplicate)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"leadId": "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e", "queued": True}]}
+        json_schema_extra={
+            "examples": [{"leadId": "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e", "queued": True, "duplicate": False}]
+        }
     )
 
-    lead_id: str = Field(description="The lead's id: the one sent, or a new one.")
+    lead_id: str = Field(
+        description="The lead's id: `leadId`, the `Idempotency-Key` header, or derived from the content."
+    )
     queued: bool = Field(description="Queued on `leads-incoming`.")
+    duplicate: bool = Field(
+        default=False, description="True when this lead was accepted before (answered 200 instead of 202)."
+    )
 
 
 # -- dead letters and stats ------------------------------------------------------------------------

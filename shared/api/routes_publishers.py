@@ -11,10 +11,11 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol, runtime_checkable
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_of
@@ -35,6 +36,13 @@ from shared.crm.verify import VerificationReport, verify_connection
 from shared.errors import CONFIGURATION_REASONS, DeadLetter, InvalidLead, RetryLater
 from shared.names import QUEUE_INCOMING, STAGE_QUEUES
 from shared.ops.deadletters import UNKNOWN_REASON, DeadLetterFilter, list_dead_letters, replay
+from shared.pipeline.identity import (
+    IDEMPOTENCY_KEY_HEADER,
+    InvalidIdempotencyKey,
+    SeenIds,
+    check_idempotency_key,
+    content_lead_id,
+)
 from shared.pipeline.lead import (
     LeadMessage,
     lead_record_id,
@@ -335,15 +343,51 @@ def publisher_status(
     )
 
 
+def seen_ids_of(request: Request) -> SeenIds:
+    """The :class:`~shared.pipeline.identity.SeenIds` the app was built with."""
+    seen: SeenIds = request.app.state.seen_ids
+    return seen
+
+
+def _ingest_lead_id(publisher_id: str, message: dict[str, Any], lead: Any, idempotency_key: str | None) -> str:
+    """The lead id of an ingested lead: ``leadId`` in the body, else the ``Idempotency-Key`` header,
+    else derived from the lead's content (architecture §3).
+
+    Raises InvalidIdempotencyKey (422) for an unusable header or one that contradicts ``leadId``, and
+    InvalidLead for a lead that has no canonical form.
+    """
+    key = check_idempotency_key(idempotency_key) if idempotency_key is not None else None
+    given = message.get("leadId")
+    if given is not None:
+        if key is not None and given != key:
+            raise InvalidIdempotencyKey(f"the {IDEMPOTENCY_KEY_HEADER} header differs from leadId in the body")
+        if not isinstance(given, str):
+            raise InvalidLead("leadId must be a string", field="leadId")
+        return given
+    if key is not None:
+        return key
+    if lead is None:
+        raise InvalidLead("the message has no lead object", field="lead")
+    if not isinstance(lead, Mapping):
+        raise InvalidLead("lead must be an object", field="lead")
+    try:
+        return content_lead_id(publisher_id, lead)
+    except ValueError:
+        # A parsed JSON body has string keys and JSON values only: NaN or Infinity is all that can fail.
+        raise InvalidLead("the body holds NaN or Infinity, which JSON does not allow", field="body") from None
+
+
 @router.post(
     "/api/publishers/{publisherId}/leads",
     status_code=202,
     response_model=IngestAnswer,
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": IngestAnswer, "description": "A duplicate: this lead was accepted before."}},
     summary="Send a lead",
     description="Accepts one marketplace lead, exactly as the marketplace's HTTPS endpoint sends it, and queues "
-    "it for delivery (202). A body that is not a lead is refused at once with 422 naming the field. The "
-    "publisher key may also be given as `?key=` for callers that can only be given a URL.",
+    "it for delivery (202). The lead's id is `leadId`, else the `Idempotency-Key` header, else derived from its "
+    "content, so the same lead sent twice is one lead: the second answer is 200 with `duplicate: true`. A body "
+    "that is not a lead is refused at once with 422 naming the field. The publisher key may also be given as "
+    "`?key=` for callers that can only be given a URL.",
 )
 def ingest_lead(
     publisher_id: PublisherId,
@@ -356,17 +400,31 @@ def ingest_lead(
     ],
     _principal: Annotated[Principal, Depends(INGEST)],
     services: ServicesDep,
-    key: Annotated[
-        str | None, Query(description="The publisher key, for callers that can only be given a URL.")
+    seen: Annotated[SeenIds, Depends(seen_ids_of)],
+    response: Response,
+    key: Annotated[str | None, Query(description="the publisher key, for callers that can only be given a URL")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_KEY_HEADER,
+            description="the lead's id (1-200 printable characters) when the body has no leadId",
+        ),
     ] = None,
 ) -> IngestAnswer | JSONResponse:
-    """Wrap the lead in a architecture §3 message and enqueue it on ``leads-incoming``.
+    """Wrap the lead in a architecture §3 message and enqueue it on ``leads-incoming``: 202, or 200 with
+    ``duplicate: true`` when the same lead id was accepted before.
+
+    The lead id is ``leadId``, else the ``Idempotency-Key`` header, else derived from the lead's content
+    (:func:`~shared.pipeline.identity.content_lead_id`), and it is the message id: a lead posted twice —
+    byte-identical, in other key casing, or at the same moment — is sent twice with one message id, and
+    the broker's duplicate detection and the idempotent write keep it one lead in the CRM. The lead is
+    sent *before* it is recorded as seen, so a failed send is never answered "duplicate" on the retry.
 
     A lead that :func:`~shared.pipeline.lead.parse_marketplace_lead` refuses is answered 422 at once, naming
     the field, rather than queued to be dead-lettered ``InvalidLead``: an HTTP caller can act on the
     answer, and ops are spared dead letters nobody will fix.
 
-    Raises InvalidPublisherId / InvalidLead (422), RetryLater (503).
+    Raises InvalidPublisherId / InvalidLead / InvalidIdempotencyKey (422), RetryLater (503).
     """
     del key  # read by the INGEST guard; declared for the OpenAPI document
     validate_publisher_id(publisher_id)
@@ -378,8 +436,7 @@ def ingest_lead(
         message["publisherId"] = publisher_id
     else:
         message = {"publisherId": publisher_id, "lead": payload}
-    if message.get("leadId") is None:
-        message["leadId"] = str(uuid.uuid4())
+    message["leadId"] = _ingest_lead_id(publisher_id, message, message.get("lead"), idempotency_key)
     if message.get("receivedAt") is None:
         message["receivedAt"] = _now().isoformat().replace("+00:00", "Z")
     try:
@@ -392,5 +449,16 @@ def ingest_lead(
     except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the caller should retry
         logger.warning("could not queue lead %s of publisher %s: %s", lead.lead_id, publisher_id, type(exc).__name__)
         return retry_later_response("the lead could not be queued now; send it again", None)
+    try:
+        first = seen.first_time(publisher_id, lead.lead_id)
+    except Exception as exc:  # noqa: BLE001 - the lead is queued; only the "duplicate" flag is unknown
+        logger.warning(
+            "could not record lead %s of publisher %s as seen: %s", lead.lead_id, publisher_id, type(exc).__name__
+        )
+        first = True
+    if not first:
+        logger.info("lead %s of publisher %s was posted again: a duplicate", lead.lead_id, publisher_id)
+        response.status_code = 200
+        return IngestAnswer(lead_id=lead.lead_id, queued=True, duplicate=True)
     logger.info("queued lead %s of publisher %s", lead.lead_id, publisher_id)
     return IngestAnswer(lead_id=lead.lead_id, queued=True)

@@ -49,6 +49,15 @@ logger = logging.getLogger(__name__)
 
 API_PATH = "/api/data/v9.2/"
 CREATE_LEAD_PRIVILEGE = "prvCreateLead"
+#: What the Lead Writer role must grant (architecture §1), with how Dynamics' role editor names each. The User
+#: Entity UI Settings ones are needed from Dynamics 365 8.2 on, i.e. by every org of the v9.2 Web API.
+LEAD_WRITER_PRIVILEGES: Mapping[str, str] = {
+    CREATE_LEAD_PRIVILEGE: "create on Lead (Sales tab)",
+    "prvReadSolution": "read on Solution (Customization tab)",
+    "prvCreateUserEntityUISettings": "create on User Entity UI Settings (Core Records tab)",
+    "prvReadUserEntityUISettings": "read on User Entity UI Settings (Core Records tab)",
+    "prvWriteUserEntityUISettings": "write on User Entity UI Settings (Core Records tab)",
+}
 _CREATED = frozenset({200, 201, 204})
 _OPERATION_CREATE = "create lead"
 
@@ -169,8 +178,18 @@ class DataverseClient:
     def can_create_leads(self, user_id: str) -> bool:
         """Whether the user's privileges (RetrieveUserPrivileges) include ``prvCreateLead``.
 
-        A 403 on the question itself means no. Raises ValueError for a user id that is not a GUID;
-        otherwise raises like :meth:`whoami`.
+        A 403 on the question itself means no. Raises like :meth:`missing_privileges`.
+        """
+        missing = self.missing_privileges(user_id, (CREATE_LEAD_PRIVILEGE,))
+        return missing == []
+
+    def missing_privileges(
+        self, user_id: str, required: Sequence[str] = tuple(LEAD_WRITER_PRIVILEGES)
+    ) -> list[str] | None:
+        """The privileges of ``required`` the user does not hold (RetrieveUserPrivileges), in the order
+        of ``required``; ``[]`` when it holds them all, None when the CRM refused the question (403).
+
+        Raises ValueError for a user id that is not a GUID; otherwise raises like :meth:`whoami`.
         """
         operation = "RetrieveUserPrivileges"
         user = uuid.UUID(user_id)
@@ -178,17 +197,29 @@ class DataverseClient:
             "GET", f"systemusers({user})/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()", operation=operation
         )
         if response.status_code == 403:
-            return False
+            return None
         if response.status_code != 200:
             raise _failure(response, operation)
         data = self._json(response, operation)
         privileges = data.get("RolePrivileges") if isinstance(data, dict) else None
         if not isinstance(privileges, list):
             raise self._unexpected(response, operation)
-        return any(
-            isinstance(p, dict) and str(p.get("PrivilegeName", "")).lower() == CREATE_LEAD_PRIVILEGE.lower()
-            for p in privileges
-        )
+        held = {str(p.get("PrivilegeName", "")).lower() for p in privileges if isinstance(p, dict)}
+        return [name for name in required if name.lower() not in held]
+
+    def get_json(self, path: str, *, operation: str = "query", missing_ok: bool = False) -> Any:
+        """``GET <API_PATH><path>`` (path relative to the Web API root, query included) and its JSON body.
+
+        With ``missing_ok``, a 404 (the record does not exist) answers None. Raises LeadRejected (400),
+        PermissionDenied (401/403, redirect, or 404 without ``missing_ok``), CrmThrottled, CrmUnavailable
+        (network, 5xx, a body that is not JSON), and the token provider's errors.
+        """
+        response = self._request("GET", path, operation=operation)
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code != 200:
+            raise _failure(response, operation)
+        return self._json(response, operation)
 
     def create_lead(self, lead: LeadWrite) -> WriteResult:
         """Create the lead unless a record with its id exists (``PATCH`` + ``If-None-Match: *``).

@@ -43,6 +43,13 @@ _MSAL_HTTP_ERROR = re.compile(r"HTTP Error: (\d{3})")
 _TOKEN_LIKE = re.compile(r"(?i)bearer\s+\S+|eyJ[\w-]+\.[\w-]+\.[\w-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
+#: The way out of MFA and conditional access for a password (ROPC) connection: Microsoft's recommended
+#: option, which Dataverse keeps supporting while it deprecates the password flow (architecture §4).
+_USE_ENTRA_APP = (
+    "switch to a clientSecret connection (Microsoft's recommended option): register an Entra app, add it in "
+    "Dynamics as an application user with the Lead Writer role, and store its tenant id, client id and secret"
+)
+
 #: Entra error numbers a publisher fixes by changing its credentials or its tenant, with what to tell it:
 #: the one wording, used by the stages' dead letters and by live verification alike.
 ENTRA_MESSAGES: Mapping[int, str] = {
@@ -51,15 +58,15 @@ ENTRA_MESSAGES: Mapping[int, str] = {
     50055: "the password has expired; set a new one and update the connection",
     50056: "the user has no password in Entra ID (a federated or passwordless account cannot be used)",
     50057: "the user account is disabled: enable it in Entra ID",
-    50072: "the account must register for multi-factor authentication; use a service account without MFA "
-    "or a clientSecret connection",
-    50076: "multi-factor authentication is required for this account: use a service account excluded from "
-    "MFA, or a clientSecret connection",
-    50079: "the account must register for multi-factor authentication; use a service account without MFA "
-    "or a clientSecret connection",
+    50072: "the account must register for multi-factor authentication, which a password connection cannot "
+    f"pass; {_USE_ENTRA_APP}",
+    50076: "multi-factor authentication is required for this account, which a password connection cannot "
+    f"pass; {_USE_ENTRA_APP}",
+    50079: "the account must register for multi-factor authentication, which a password connection cannot "
+    f"pass; {_USE_ENTRA_APP}",
     50126: "the password was rejected: check the user name and password of the service account",
-    50158: "an external security challenge (conditional access) is required for this account",
-    53003: "conditional access blocked the sign-in",
+    50158: f"an external security challenge (conditional access) is required for this account; {_USE_ENTRA_APP}",
+    53003: f"conditional access blocked the sign-in; {_USE_ENTRA_APP}",
     65001: "the application has no consent in this tenant; a tenant administrator must grant it",
     700016: "the application (client id) was not found in this tenant: check the client id and the tenant id",
     7000215: "the client secret was rejected: use the secret's value, not its id, and check that it has not "

@@ -6,7 +6,8 @@ Entra ID, in the order a publisher fixes them:
 1. ``token`` — Entra ID issues a token for the CRM (password or client secret accepted);
 2. ``whoAmI`` — the CRM knows the principal (it is a user of this environment);
 3. ``solution`` — the Lead Writer solution is installed, at the minimum version or later;
-4. ``createLeads`` — the principal may create leads (the Lead Writer role is assigned).
+4. ``createLeads`` — the principal holds every privilege of the Lead Writer role (RetrieveUserPrivileges);
+   a missing one is named in the message and in the report's ``missingPrivileges``.
 
 Permanent failures become a failed :class:`~shared.crm.connection.Verification` carrying the architecture §5
 reason and a message the publisher can act on; transient ones (authority or CRM unavailable,
@@ -23,11 +24,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from shared.crm import DataverseClient
+from shared.crm.client import LEAD_WRITER_PRIVILEGES
 from shared.crm.connection import Connection, PasswordAuth, Verification
 from shared.crm.solution import require_supported
 from shared.errors import (
     DeadLetter,
     DeadLetterReason,
+    LeadWriterError,
     PermissionDenied,
 )
 from shared.http import new_session
@@ -45,6 +48,8 @@ class VerificationReport:
 
     verification: Verification
     checks: dict[Step, StepState] = field(default_factory=lambda: dict.fromkeys(STEPS, "skipped"))
+    #: The Lead Writer privileges the principal lacks, when a permission check found some.
+    missing_privileges: list[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -54,6 +59,8 @@ class VerificationReport:
         """camelCase JSON for API answers (no secrets: a Verification holds none)."""
         data = self.verification.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["checks"] = dict(self.checks)
+        if self.missing_privileges:
+            data["missingPrivileges"] = list(self.missing_privileges)
         return data
 
 
@@ -118,11 +125,10 @@ def _verify(
         require_supported(version, settings)
         report.checks["solution"] = "passed"
         step = "createLeads"
-        if not client.can_create_leads(user_id):
-            raise PermissionDenied(
-                f"{_principal(connection)} lacks the Lead Writer role: assign the Microsoft Marketplace "
-                "Lead Writer security role to it in Dynamics (Settings → Security)"
-            )
+        missing = client.missing_privileges(user_id)
+        if missing is None or missing:
+            report.missing_privileges = missing
+            raise PermissionDenied(_privileges_message(connection, missing))
         report.checks["createLeads"] = "passed"
     except DeadLetter as error:
         report.checks[step] = "failed"
@@ -132,6 +138,11 @@ def _verify(
         message = _failure_message(error, connection)
         if isinstance(error, PermissionDenied) and step == "createLeads":
             message = error.message
+        elif isinstance(error, PermissionDenied) and step == "solution" and user_id is not None:
+            # A 403 on the solution query: name the privileges that are missing, not only the CRM's text.
+            report.missing_privileges = _missing_or_none(client, user_id)
+            if report.missing_privileges:
+                message = _privileges_message(connection, report.missing_privileges)
         logger.info("connection verification failed at %s: %s", step, reason)
         report.verification = Verification(
             ok=False,
@@ -156,3 +167,30 @@ def _verify(
     report.verification = Verification(ok=True, checked_at=now(), user_id=user_id, solution_version=version)
     logger.info("connection verified: solution %s", version)
     return report
+
+
+def _missing_or_none(client: DataverseClient, user_id: str) -> list[str] | None:
+    """The missing Lead Writer privileges, or None when they cannot be read now (the caller reports a
+    failure already; this question must not replace it with another)."""
+    try:
+        return client.missing_privileges(user_id)
+    except (LeadWriterError, ValueError):
+        return None
+
+
+def _privileges_message(connection: Connection, missing: list[str] | None) -> str:
+    """What to tell a publisher whose principal lacks privileges (``None``: they could not be read)."""
+    who = _principal(connection)
+    assign = "assign the Microsoft Marketplace Lead Writer security role to it in Dynamics (Settings → Security)"
+    if missing is None:
+        return f"{who}'s privileges could not be read (RetrieveUserPrivileges was refused): {assign}"
+    if len(missing) == len(LEAD_WRITER_PRIVILEGES):
+        return f"{who} lacks the Lead Writer role: {assign}"
+    one = len(missing) == 1
+    named = "; ".join(f"{name} ({LEAD_WRITER_PRIVILEGES.get(name, 'see the role')})" for name in missing)
+    return (
+        f"{who} lacks {'this privilege' if one else 'these privileges'} of the Lead Writer role: {named}. "
+        f"Add {'it' if one else 'them'} to the Microsoft Marketplace Lead Writer security role in Dynamics "
+        "(Settings → Security → Security Roles), or import the Lead Writer solution again to restore the role"
+    )
+

@@ -207,11 +207,16 @@ def configure_telemetry(settings: Settings) -> bool:
                 "logs and metrics stay local (pip install azure-monitor-opentelemetry)"
             )
             return False
+        # Imported here: shared.api's package imports the app, which imports the services, which import this.
+        from shared.api.logredact import redacting_span_processor
+
         secret = settings.appinsights_connection_string.get_secret_value()
         try:
             configure_azure_monitor(
                 connection_string=secret,
                 logger_name=EXPORTED_LOGGER,
+                # Request spans carry the full URL, and an ingest URL carries ?key=: redacted as they start.
+                span_processors=[redacting_span_processor()],
             )
         except ValueError as exc:
             raise ConfigurationError(

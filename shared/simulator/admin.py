@@ -14,6 +14,7 @@ separately started simulator be inspected and driven (by the demo, a test, or a 
                                                    "token_fail_next": {"n", "status"}, "clear": true}
     PUT  /_simulator/orgs/{org}/solution           {"version": "1.2.0.0" | null}
     PUT  /_simulator/orgs/{org}/roles/{principal}  {"hasRole": bool}
+    PUT  /_simulator/orgs/{org}/privileges         {"missing": ["prvReadSolution", …]} (taken out of the role)
     POST /_simulator/orgs/{org}/users              {"username", "password", "hasRole", "mfaRequired",
                                                    "disabled"}
     POST /_simulator/orgs/{org}/apps               {"clientId", "clientSecret", "hasRole"}
@@ -149,6 +150,15 @@ class AdminApi:
             if not isinstance(has_role, bool):
                 raise AdminError(400, "hasRole must be true or false")
             sim.set_role(org, rest[1], has_role)
+            return json_response(200, sim.describe(org))
+        if rest == ["privileges"] and method == "PUT":
+            missing = self._body(request).get("missing")
+            if not isinstance(missing, list) or not all(isinstance(name, str) for name in missing):
+                raise AdminError(400, "missing must be a list of privilege names")
+            try:
+                sim.set_missing_privileges(org, missing)
+            except ValueError as exc:
+                raise AdminError(400, str(exc)) from None
             return json_response(200, sim.describe(org))
         if rest == ["users"] and method == "POST":
             body = self._body(request)

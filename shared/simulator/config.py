@@ -4,7 +4,9 @@
 "limits": {"requestsPerWindow": 6000, "windowSeconds": 300, "executionSecondsPerWindow": 1200,
 "maxConcurrent": 52}, "leadSourceCodes": [1, 2, 8, 10], "users": [{"username": "…", "password": "…",
 "hasRole": true, "mfaRequired": false, "disabled": false}], "apps": [{"clientId": "…",
-"clientSecret": "…", "hasRole": true}]}]}``
+"clientSecret": "…", "hasRole": true}], "missingPrivileges": ["prvReadUserEntityUISettings"]}]}``
+
+``missingPrivileges`` takes single privileges out of the org's Lead Writer role.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class OrgSpec:
     lead_source_codes: tuple[int, ...] | None = None
     users: tuple[UserSpec, ...] = ()
     apps: tuple[AppSpec, ...] = ()
+    #: Privileges taken out of the org's Lead Writer role, e.g. ``["prvReadUserEntityUISettings"]``.
+    missing_privileges: tuple[str, ...] = ()
 
 
 def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
@@ -129,6 +133,9 @@ def parse_org(data: Any, where: str = "org") -> OrgSpec:
     codes = _get(data, "leadSourceCodes", list, where, None)
     if codes is not None and not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
         raise SimulatorConfigError(f"{where}.leadSourceCodes must be a list of integers")
+    missing = _get(data, "missingPrivileges", list, where, [])
+    if not all(isinstance(name, str) and name for name in missing):
+        raise SimulatorConfigError(f"{where}.missingPrivileges must be a list of privilege names")
     latency = float(_get(data, "latency", number, where, 0.0))
     if latency < 0:
         raise SimulatorConfigError(f"{where}.latency must not be negative")
@@ -144,6 +151,7 @@ def parse_org(data: Any, where: str = "org") -> OrgSpec:
         lead_source_codes=tuple(codes) if codes is not None else None,
         users=tuple(users),
         apps=tuple(apps),
+        missing_privileges=tuple(missing),
     )
 
 

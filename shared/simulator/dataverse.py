@@ -17,10 +17,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from shared.simulator import batch as batching
+from shared.simulator import metadata
 from shared.simulator.faults import Fault
 from shared.simulator.limits import Rejection
 from shared.simulator.server import Request, Response, parse_target
-from shared.simulator.state import Directory, OrgState, Principal
+from shared.simulator.state import ROLE_PRIVILEGES, Directory, OrgState, Principal
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ _PRIVILEGES = re.compile(
 )
 _FILTER_NAME = re.compile(r"uniquename\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 
-#: Privileges of the Lead Writer security role (architecture §1).
-ROLE_PRIVILEGES = (
-    "prvCreateLead",
-    "prvReadLead",
-    "prvWriteLead",
-    "prvReadSolution",
-    "prvCreateUserEntityUISettings",
-    "prvReadUserEntityUISettings",
-    "prvWriteUserEntityUISettings",
-)
 #: What every user has without any role assigned.
 BASE_PRIVILEGES = ("prvReadOrganization",)
 _PRIVILEGE_IDS = {
@@ -271,8 +262,17 @@ class DataverseApp:
         match = _PRIVILEGES.match(path)
         if match:
             return self._privileges(principal, match.group(1)) if method == "GET" else _method_not_allowed()
+        served = metadata.route(
+            self._org, method, path, call.query, self._base(), TEXT_COLUMNS, dataverse_error, _json
+        )
+        if served is not None:
+            return served
         segment = path.split("/", 1)[0].split("(", 1)[0]
         return dataverse_error(404, "0x80060888", f"Resource not found for the segment '{segment}'.")
+
+    def _custom_columns(self) -> dict[str, tuple[str, int | None]]:
+        with self._org.lock:
+            return dict(self._org.records.columns)
 
     def _base(self) -> str:
         return f"{self._org.url}{API_PREFIX}"
@@ -301,7 +301,7 @@ class DataverseApp:
         )
 
     def _solutions(self, call: Call, principal: Principal) -> Response:
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvReadSolution"):
             return self._missing_privilege(principal, "prvReadSolution", "solution")
         org = self._org
         with org.lock:
@@ -335,7 +335,7 @@ class DataverseApp:
             subject = next((p for p in org.principals.values() if p.system_user_id.lower() == user_id), None)
         if subject is None:
             return dataverse_error(404, "0x80040217", f"systemuser With Id = {user_id} Does Not Exist")
-        names = BASE_PRIVILEGES + (ROLE_PRIVILEGES if subject.has_role else ())
+        names = BASE_PRIVILEGES + tuple(name for name in ROLE_PRIVILEGES if org.grants(subject, name))
         return _json(
             200,
             {
@@ -374,7 +374,7 @@ class DataverseApp:
         return Response(204, b"", [_ODATA, *headers])
 
     def _get_lead(self, principal: Principal, lead_id: str) -> Response:
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvReadLead"):
             return self._missing_privilege(principal, "prvReadLead", "lead")
         with self._org.lock:
             record = self._org.leads.get(lead_id)
@@ -383,24 +383,26 @@ class DataverseApp:
         return _json(200, {"@odata.context": f"{self._base()}$metadata#leads/$entity", **record})
 
     def _create(self, call: Call, principal: Principal) -> Response:
-        body, problem = _parse_lead(call.body)
+        body, problem = _parse_lead(call.body, self._custom_columns())
         if problem is not None:
             return problem
-        if not principal.has_role:
+        if not self._org.grants(principal, "prvCreateLead"):
             return self._missing_privilege(principal, "prvCreateLead", "lead")
         lead_id = str(body.get("leadid") or uuid.uuid4()).lower()
-        problem = _check_values(body, self._org.lead_source_codes)
+        problem = _check_values(body, self._org.lead_source_codes, self._custom_columns())
+        if problem is None:
+            problem = metadata.check_lookups(self._org, body, dataverse_error)
         if problem is not None:
             return problem
         with self._org.lock:
             if lead_id in self._org.leads:
                 return dataverse_error(412, "0x80040237", "A record with matching key values already exists.")
-            record = {**_columns(body), "leadid": lead_id}
+            record = {**_columns(body), **metadata.lookup_values(body), "leadid": lead_id}
             self._org.leads[lead_id] = record
         return self._written(call, record, created=True)
 
     def _patch(self, call: Call, principal: Principal, lead_id: str) -> Response:
-        body, problem = _parse_lead(call.body)
+        body, problem = _parse_lead(call.body, self._custom_columns())
         if problem is not None:
             return problem
         if "leadid" in body and str(body["leadid"]).lower() != lead_id:
@@ -412,18 +414,21 @@ class DataverseApp:
         org = self._org
         with org.lock:
             existing = org.leads.get(lead_id)
-            if not principal.has_role:
-                privilege = "prvWriteLead" if existing is not None and not create_only else "prvCreateLead"
+            privilege = "prvWriteLead" if existing is not None and not create_only else "prvCreateLead"
+            if not org.grants(principal, privilege):
                 return self._missing_privilege(principal, privilege, "lead")
             if create_only and existing is not None:
                 return dataverse_error(412, "0x80060882", "A record with matching key values already exists.")
             if update_only and existing is None:
                 return _lead_missing(lead_id)
-            problem = _check_values(body, org.lead_source_codes)
+            problem = _check_values(body, org.lead_source_codes, self._custom_columns())
+            if problem is None:
+                problem = metadata.check_lookups(org, body, dataverse_error)
             if problem is not None:
                 return problem
             # A new dict, never an in-place change: a change set's snapshot must stay intact.
-            record = {**_columns(body), "leadid": lead_id} if existing is None else {**existing, **_columns(body)}
+            written = {**_columns(body), **metadata.lookup_values(body)}
+            record = {**written, "leadid": lead_id} if existing is None else {**existing, **written}
             org.leads[lead_id] = record
         return self._written(call, record, created=existing is None)
 
@@ -509,11 +514,24 @@ def _lead_missing(lead_id: str) -> Response:
 
 
 def _columns(body: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in body.items() if name != "leadid" and not name.startswith("@")}
+    return {name: value for name, value in body.items() if name != "leadid" and "@" not in name}
 
 
-def _parse_lead(raw: bytes) -> tuple[dict[str, Any], Response | None]:
-    """Parse a lead body and check its shape: known columns, JSON types, no read-only column."""
+_CUSTOM_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "String": ("Edm.String", (str,)),
+    "Memo": ("Edm.String", (str,)),
+    "Integer": ("Edm.Int32", (int,)),
+    "Picklist": ("Edm.Int32", (int,)),
+    "Boolean": ("Edm.Boolean", (bool,)),
+    "Double": ("Edm.Double", (int, float)),
+}
+
+
+def _parse_lead(
+    raw: bytes, custom: Mapping[str, tuple[str, int | None]] | None = None
+) -> tuple[dict[str, Any], Response | None]:
+    """Parse a lead body and check its shape: known columns (and the org's custom ones), JSON types, no
+    read-only column. Lookup binds (``<column>@odata.bind``) are checked by metadata.check_lookups."""
     try:
         body = json.loads(raw.decode("utf-8")) if raw.strip() else {}
     except (UnicodeDecodeError, ValueError):
@@ -528,7 +546,7 @@ def _parse_lead(raw: bytes) -> tuple[dict[str, Any], Response | None]:
             "A 'StartObject' node was expected.",
         )
     for name, value in body.items():
-        if name.startswith("@odata."):
+        if name.startswith("@odata.") or name.endswith("@odata.bind"):
             continue
         if name in READ_ONLY_COLUMNS:
             return {}, dataverse_error(
@@ -547,6 +565,9 @@ def _parse_lead(raw: bytes) -> tuple[dict[str, Any], Response | None]:
         elif name == OPTION_SET_COLUMN:
             expected = "Edm.Int32"
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        elif custom and name in custom:
+            expected, types = _CUSTOM_TYPES.get(custom[name][0], ("Edm.String", (str,)))
+            ok = value is None or (isinstance(value, types) and (bool in types or not isinstance(value, bool)))
         else:
             return {}, dataverse_error(
                 400,
@@ -568,9 +589,17 @@ def _parse_lead(raw: bytes) -> tuple[dict[str, Any], Response | None]:
     return body, None
 
 
-def _check_values(body: dict[str, Any], allowed_codes: frozenset[int]) -> Response | None:
+def _check_values(
+    body: dict[str, Any],
+    allowed_codes: frozenset[int],
+    custom: Mapping[str, tuple[str, int | None]] | None = None,
+) -> Response | None:
     """Check lengths (UTF-16 code units) and the option-set value, as the platform does on save."""
-    for name, limit in TEXT_COLUMNS.items():
+    limits = dict(TEXT_COLUMNS)
+    for name, (kind, length) in (custom or {}).items():
+        if kind in metadata.TEXT_TYPES and length is not None:
+            limits[name] = length
+    for name, limit in limits.items():
         value = body.get(name)
         if isinstance(value, str) and utf16_length(value) > limit:
             return dataverse_error(

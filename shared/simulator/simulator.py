@@ -22,6 +22,7 @@ from shared.simulator.limits import Limits, ServiceProtection
 from shared.simulator.server import Listener, server_context
 from shared.simulator.state import (
     DEFAULT_LEAD_SOURCE_CODES,
+    ROLE_PRIVILEGES,
     SOLUTION_UNIQUE_NAME,
     Directory,
     OrgState,
@@ -123,6 +124,8 @@ class CrmSimulator:
             )
         for app in spec.apps:
             self.add_app(spec.name, app.client_id, app.client_secret, has_role=app.has_role)
+        if spec.missing_privileges:
+            self.set_missing_privileges(spec.name, spec.missing_privileges)
         return org
 
     def start(self) -> CrmSimulator:
@@ -338,6 +341,70 @@ class CrmSimulator:
         with state.lock:
             state.solution_version = version
 
+    def set_missing_privileges(self, org: str, privileges: Iterable[str]) -> None:
+        """Take ``privileges`` out of the org's Lead Writer role (and give back every other one), so its
+        holders lack exactly those: RetrieveUserPrivileges no longer lists them and the calls that need
+        them answer 403 naming them. Raises KeyError for an unknown org, ValueError for a privilege the
+        role does not have (see ``ROLE_PRIVILEGES``)."""
+        names = set(privileges)
+        unknown = sorted(names - set(ROLE_PRIVILEGES))
+        if unknown:
+            raise ValueError(f"not privileges of the Lead Writer role: {', '.join(unknown)}")
+        state = self._directory.org(org)
+        with state.lock:
+            state.missing_privileges = names
+
+    # -- records a mapping refers to (shared/simulator/metadata.py serves them) ---------------------
+
+    def add_column(self, org: str, name: str, kind: str = "String", max_length: int | None = 100) -> None:
+        """Add a custom ``lead`` column (``AttributeType`` ``kind``: String, Memo, Integer, Picklist,
+        Boolean, Double). Raises KeyError for an unknown org, ValueError for a bad name or kind."""
+        if not re.fullmatch(r"[a-z][a-z0-9]*_[a-z0-9_]+", name):
+            raise ValueError(f"a custom column is <prefix>_<name> in lower case: {name!r}")
+        if kind not in ("String", "Memo", "Integer", "Picklist", "Boolean", "Double"):
+            raise ValueError(f"unsupported column type {kind!r}")
+        state = self._directory.org(org)
+        with state.lock:
+            state.records.columns[name] = (kind, max_length if kind in ("String", "Memo") else None)
+
+    def remove_column(self, org: str, name: str) -> None:
+        """Delete a custom column (a later write naming it is refused). Raises KeyError when unknown."""
+        state = self._directory.org(org)
+        with state.lock:
+            del state.records.columns[name]
+
+    def _add_record(self, org: str, table: str, value: str) -> str:
+        state = self._directory.org(org)
+        record_id = str(uuid.uuid4())
+        with state.lock:
+            records: dict[str, str] = getattr(state.records, table)
+            records[record_id] = value
+        return record_id
+
+    def add_campaign(self, org: str, name: str = "Marketplace campaign") -> str:
+        """Create a campaign; its id. Raises KeyError for an unknown org."""
+        return self._add_record(org, "campaigns", name)
+
+    def add_system_user(self, org: str, name: str = "Sales person") -> str:
+        """Create a system user that cannot sign in (an owner for leads); its id."""
+        return self._add_record(org, "system_users", name)
+
+    def add_team(self, org: str, name: str = "Sales team") -> str:
+        """Create a team; its id."""
+        return self._add_record(org, "teams", name)
+
+    def add_contact(self, org: str, email: str) -> str:
+        """Create a contact with ``emailaddress1``; its id."""
+        return self._add_record(org, "contacts", email)
+
+    def add_account(self, org: str, email: str) -> str:
+        """Create an account with ``emailaddress1``; its id."""
+        return self._add_record(org, "accounts", email)
+
+    def system_user_id(self, org: str, principal: str) -> str:
+        """The system user id of a user (by user name) or app (by client id). Raises KeyError."""
+        return self._principal(org, principal).system_user_id
+
     def faults(self, org: str) -> Faults:
         """The fault settings of ``org``. Raises KeyError when unknown."""
         return self._directory.org(org).faults
@@ -397,6 +464,7 @@ class CrmSimulator:
                     "maxConcurrent": state.limits.limits.max_concurrent,
                 },
                 "leadSourceCodes": sorted(state.lead_source_codes),
+                "missingPrivileges": sorted(state.missing_privileges),
                 "users": users,
                 "apps": apps,
                 "leads": len(state.leads),

@@ -110,6 +110,33 @@ def principal_key(kind: PrincipalKind, name: str) -> str:
     return f"{kind}:{name.strip().lower()}"
 
 
+#: Privileges of the Lead Writer security role (architecture §1): create/read/write lead, read solution, and on
+#: Dynamics 365 8.2 and later (every org the v9.2 Web API serves) create/read/write User Entity UI Settings.
+ROLE_PRIVILEGES: tuple[str, ...] = (
+    "prvCreateLead",
+    "prvReadLead",
+    "prvWriteLead",
+    "prvReadSolution",
+    "prvCreateUserEntityUISettings",
+    "prvReadUserEntityUISettings",
+    "prvWriteUserEntityUISettings",
+)
+
+
+@dataclass
+class CrmRecords:
+    """The records of one org beyond leads that mappings refer to (shared/simulator/metadata.py serves
+    them): custom ``lead`` columns, campaigns, extra system users, teams, contacts and accounts."""
+
+    #: Custom lead columns: logical name → (AttributeType, MaxLength or None), e.g. ("String", 100).
+    columns: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    campaigns: dict[str, str] = field(default_factory=dict)  # id → name
+    system_users: dict[str, str] = field(default_factory=dict)  # id → full name (besides the principals)
+    teams: dict[str, str] = field(default_factory=dict)  # id → name
+    contacts: dict[str, str] = field(default_factory=dict)  # id → emailaddress1
+    accounts: dict[str, str] = field(default_factory=dict)  # id → emailaddress1
+
+
 @dataclass(eq=False)
 class OrgState:
     """One simulated Dataverse org."""
@@ -132,6 +159,14 @@ class OrgState:
     # dict on rollback, so readers must always go through the attribute, never keep a reference.
     leads: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: Privileges taken out of this org's Lead Writer role (a customised or damaged role).
+    missing_privileges: set[str] = field(default_factory=set)
+    records: CrmRecords = field(default_factory=CrmRecords)
+
+    def grants(self, principal: Principal, privilege: str) -> bool:
+        """Whether ``principal`` holds ``privilege`` through the Lead Writer role of this org."""
+        with self.lock:
+            return principal.has_role and privilege in ROLE_PRIVILEGES and privilege not in self.missing_privileges
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def make_state_store(settings: Any) -> StateStore:
     ``LEADWRITER_TABLES_CONNECTION_STRING`` (Azurite) — exactly one of the two. Raises
     ConfigurationError naming the setting that is missing or invalid.
     """
-    # getattr: the settings object may not have the state fields yet (they arrive with DESIGN §8's row).
+    # getattr: the settings object may not have the state fields yet (they arrive with architecture §8's row).
     backend = getattr(settings, "state_backend", "embedded")
     if backend == "tables":
         url = getattr(settings, "tables_url", None) or None

@@ -1,4 +1,4 @@
-"""The state port (DESIGN §2, STYLE habits 8 and 12): an entity store with Azure Table semantics.
+"""The state port (architecture §2, STYLE habits 8 and 12): an entity store with Azure Table semantics.
 
 An entity is addressed by ``(table, partition, row)`` and holds a JSON object (``data``) plus an
 ``etag`` that changes on every write. Writes that two instances can race on are conditional on the

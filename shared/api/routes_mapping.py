@@ -73,6 +73,8 @@ def _answer(publisher_id: str, mapping: ValidatedMapping, replayed: int | None =
     response_model_exclude_none=True,
     responses={**_ERRORS, 404: {"model": ErrorAnswer, "description": "no mapping stored"}},
     summary="The stored mapping and when it was last validated",
+    description="How this publisher's leads land in its CRM: lead source, campaign, owner, subject, extra columns "
+    "and linking to an existing contact or account. Absent fields use the default mapping.",
 )
 def get_mapping(
     publisher_id: PublisherId, _principal: PublisherAccess, store: StoreDep
@@ -91,10 +93,14 @@ def get_mapping(
     response_model_exclude_none=True,
     responses=_ERRORS,
     summary="Store how this publisher's leads land (validated live against the CRM first)",
+    description="Every field is optional. The mapping is checked against the CRM's lead columns, option values "
+    "and the campaign and owner it names; an unknown column, a wrong type or a missing record answers 422 "
+    "naming it, and nothing is stored. Add `?validate=false` to store without checking. Leads refused by "
+    "the CRM under the previous mapping are sent again.",
 )
 def put_mapping(
     publisher_id: PublisherId,
-    body: Annotated[dict[str, Any], Body(description="the mapping (architecture §6); every field optional")],
+    body: Annotated[dict[str, Any], Body(description="The mapping; every field optional.")],
     _principal: PublisherAccess,
     services: ServicesDep,
     store: StoreDep,

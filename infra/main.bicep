@@ -107,6 +107,7 @@ var stateTables = [
   'apikeys'
   'publishersettings'
   'replayjobs'
+  'ingestids'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {

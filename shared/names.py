@@ -41,15 +41,17 @@ STATE_FILE = "state.db"
 #: Bicep creates exactly these (a check keeps them equal) and grants the app's identity Storage Table
 #: Data Contributor on each one, not on the account: the app reads and writes entities but never
 #: creates or deletes tables in Azure.
-TABLE_DELIVERIES = "leaddeliveries"  # delivery status per lead
+TABLE_DELIVERIES = "leaddeliveries"  # delivery status per publisher
 TABLE_CRM_LIMITS = "crmlimits"  # 429 penalties and learned CRM limits
 TABLE_API_KEYS = "apikeys"  # publisher API key records (hashed)
 TABLE_PUBLISHER_SETTINGS = "publishersettings"  # mapping and alert settings
 TABLE_REPLAY_JOBS = "replayjobs"  # dead-letter replay jobs
+TABLE_INGEST_IDS = "ingestids"  # lead ids the ingest endpoint accepted (duplicate answers)
 STATE_TABLES: tuple[str, ...] = (
     TABLE_DELIVERIES,
     TABLE_CRM_LIMITS,
     TABLE_API_KEYS,
     TABLE_PUBLISHER_SETTINGS,
     TABLE_REPLAY_JOBS,
+    TABLE_INGEST_IDS,
 )

@@ -20,6 +20,8 @@ from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.ops.jobs import Jobs
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
+from shared.pipeline.identity import SeenIds, StateSeenIds
+from shared.pipeline.mapping_store import StateMappingStore
 from shared.pipeline.pipeline import Pipeline
 from shared.pipeline.settle import Settled
 from shared.secretstore import make_secret_store
@@ -45,6 +47,8 @@ class Services:
     pipeline: Pipeline
     status: StatusBook
     state: StateStore
+    #: Lead ids the ingest endpoint accepted (a repeated POST is answered as a duplicate).
+    seen_ids: SeenIds
     #: Sweep jobs (replay, purge of many dead letters) over the state store and the jobs queue.
     jobs: Jobs
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
@@ -68,7 +72,10 @@ class Services:
             secrets=secrets,
             connections=connections,
             api_keys=ApiKeyStore(StateRecords(state, legacy=secrets)),
-            pipeline=Pipeline(settings, connections, pacer=Pacer(penalties=penalties)),
+            pipeline=Pipeline(
+                settings, connections, pacer=Pacer(penalties=penalties), mappings=StateMappingStore(state)
+            ),
+            seen_ids=StateSeenIds(state),
             status=StatusBook(state),
             state=state,
             jobs=Jobs(state, transport),

@@ -18,6 +18,7 @@ from shared.errors import LeadRejected
 from shared.names import QUEUE_READY
 from shared.pipeline.lead import lead_record_id, parse_incoming
 from shared.pipeline.mapping import columns_for
+from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator, SimOrg
 from shared.transport.base import OutgoingMessage
 from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack, password_body
@@ -258,3 +259,35 @@ def test_a_mapping_for_a_connection_that_no_longer_signs_in_is_refused_422_with_
     assert answer.json()["reason"] == "CredentialsRejected"
     assert answer.json()["field"] == "connection"
     assert "Wrong-Passw0rd!" not in answer.text
+
+
+@pytest.mark.usefixtures("runtime")
+def test_a_mapped_backlog_flows_through_the_stages_with_its_binds_and_one_lookup_per_customer(
+    stack: ApiStack, simulator: CrmSimulator, org: SimOrg
+) -> None:
+    # Given a stored mapping that links by e-mail, and a backlog of one customer's leads
+    body = _mapping(simulator, org)
+    contact = simulator.add_contact(org.name, "ada@example.com")
+    assert stack.client.put(f"/api/publishers/{org.name}/mapping", json=body, headers=stack.admin()).status_code == 200
+    key = stack.key_for(org.name)
+    for n in range(12):
+        lead = {**MARKETPLACE_LEAD, "Description": f"step {n}"}
+        answer = stack.client.post(f"/api/publishers/{org.name}/leads", json=lead, headers=stack.bearer(key))
+        assert answer.status_code == 202, answer.text
+    before = simulator.requests(org.name).total
+
+    # When the stages run (embedded workers, or the registered Functions triggers)
+    runtime = stack.services.stage_runtime().start()
+    try:
+        assert wait_until(lambda: len(simulator.leads(org.name)) == 12, 60)
+    finally:
+        runtime.stop()
+
+    # Then every lead carries the mapping, and the customer's contact was looked up once
+    for record in simulator.leads(org.name):
+        assert record["_campaignid_value"] == body["campaignId"]
+        assert record["_ownerid_value"] == body["owner"]["id"]
+        assert record["_parentcontactid_value"] == contact
+        assert record["new_country"] == "US"
+    assert stack.services.pipeline.links.queries == 1
+    assert simulator.requests(org.name).total - before <= 12 + 3, "the mapping adds one lookup, not one per lead"

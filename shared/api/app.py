@@ -22,9 +22,9 @@ from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
 from shared.names import QUEUE_INCOMING
-from shared.pipeline.identity import SeenIds, SqliteSeenIds
+from shared.pipeline.identity import SeenIds
 from shared.pipeline.lead import MAX_BODY_BYTES
-from shared.pipeline.mapping_store import MappingStore, SqliteMappingStore
+from shared.pipeline.mapping_store import MappingStore
 from shared.services import Services
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
     """The HTTP API over ``services``. Raises nothing; backends are first used per request.
 
     ``seen_ids`` records the lead ids ingest has accepted, so a repeated POST is answered as a
-    duplicate; ``mappings`` keeps publishers' mappings. By default each is a SQLite file in the data dir
-    (``ingest-seen.db``, ``mappings.db``), created on first use.
+    duplicate; ``mappings`` keeps publishers' mappings. By default both are the services' own, on the
+    shared state store (every instance answers the same).
     """
     app = FastAPI(
         title="Lead Writer",
@@ -94,10 +94,8 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
     # The server around the app logs URLs (uvicorn's access log), and an ingest URL carries ?key=.
     install_log_redaction()
     app.state.services = services
-    app.state.seen_ids = seen_ids if seen_ids is not None else SqliteSeenIds(services.settings.data_dir / SEEN_IDS_FILE)
-    app.state.mappings = (
-        mappings if mappings is not None else SqliteMappingStore(services.settings.data_dir / MAPPINGS_FILE)
-    )
+    app.state.seen_ids = seen_ids if seen_ids is not None else services.seen_ids
+    app.state.mappings = mappings if mappings is not None else services.pipeline.mappings
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
     health_lock = asyncio.Lock()

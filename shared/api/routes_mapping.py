@@ -141,6 +141,7 @@ def put_mapping(
     else:
         validated = ValidatedMapping.model_validate(mapping.model_dump())
     store.put(publisher_id, validated)
+    services.pipeline.forget(publisher_id)
     logger.info("stored the mapping of publisher %s (%s)", publisher_id, "validated" if validate else "not validated")
     flt = DeadLetterFilter.build(publisher_id=publisher_id, reason=[str(DeadLetterReason.LEAD_REJECTED)])
     try:

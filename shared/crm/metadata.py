@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal
 from urllib.parse import quote
 
+from shared.cache import KeyedLocks
 from shared.crm.client import DataverseClient
 from shared.errors import CrmUnavailable
 from shared.pipeline.lead import LeadMessage
@@ -226,6 +227,7 @@ class ExistingRecords:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, str], tuple[float, uuid.UUID | None]] = {}
+        self._key_locks: KeyedLocks[tuple[str, str, str]] = KeyedLocks()
         self.queries = 0
 
     def find(self, client: DataverseClient, mapping: Mapping | None, lead: LeadMessage) -> uuid.UUID | None:
@@ -238,18 +240,20 @@ class ExistingRecords:
             return None
         kind: Literal["contact", "account"] = "contact" if mapping.link_existing == "contact" else "account"
         key = (client.origin, kind, lead.lead.customer.email.strip().lower())
-        now = self._clock()
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] > now:
-                return cached[1]
-        found = find_by_email(client, kind, lead.lead.customer.email.strip())
-        with self._lock:
-            self.queries += 1
-            if len(self._cache) >= self._size:
-                self._expire(now)
-            self._cache[key] = (now + self._ttl, found)
-        return found
+        # One lookup per e-mail at a time: concurrent writers of one customer's leads wait for it.
+        with self._key_locks.lock(key):
+            now = self._clock()
+            with self._lock:
+                cached = self._cache.get(key)
+                if cached is not None and cached[0] > now:
+                    return cached[1]
+            found = find_by_email(client, kind, lead.lead.customer.email.strip())
+            with self._lock:
+                self.queries += 1
+                if len(self._cache) >= self._size:
+                    self._expire(now)
+                self._cache[key] = (now + self._ttl, found)
+            return found
 
     def prefetch(self, client: DataverseClient, mapping: Mapping | None, leads: Iterable[LeadMessage]) -> None:
         """Look up each distinct e-mail of ``leads`` once (a batch's worth). Raises like :meth:`find`."""

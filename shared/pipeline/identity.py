@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 from shared.errors import InvalidInput
+from shared.names import TABLE_INGEST_IDS
+from shared.state.base import StateConflict, StateNotFound, StatePreconditionFailed, StateStore, safe_key
 
 #: Bumped only if the canonical form ever changes: ids of the old form then stay distinct from the new.
 CANONICAL_VERSION: Final = 1
@@ -228,3 +230,39 @@ class SqliteSeenIds:
         finally:
             conn.close()
         return inserted == 1
+
+
+class StateSeenIds:
+    """:class:`SeenIds` in the shared state store (table ``ingestids``, a row per publisher and lead
+    id): every process and every Azure instance answers the same. The first record is a conditional
+    insert, so two POSTs at the same moment get one "first time"; a pair older than ``retention`` is
+    taken over by an ETag-conditional replace."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        *,
+        retention: float = SEEN_RETENTION_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._retention = retention
+        self._clock = clock
+
+    def first_time(self, publisher_id: str, lead_id: str) -> bool:
+        """True when the pair was not seen within the retention (and records it). Raises what the
+        state store raises (StateUnavailable: the caller answers 503)."""
+        partition, row, now = safe_key(publisher_id), safe_key(lead_id), self._clock()
+        try:
+            self._state.insert(TABLE_INGEST_IDS, partition, row, {"seenAt": now})
+            return True
+        except StateConflict:
+            pass
+        entity = self._state.get(TABLE_INGEST_IDS, partition, row)
+        if entity is None or float(entity.data.get("seenAt", now)) > now - self._retention:
+            return False
+        try:
+            self._state.replace(TABLE_INGEST_IDS, partition, row, {"seenAt": now}, etag=entity.etag)
+        except (StatePreconditionFailed, StateNotFound):
+            return False
+        return True

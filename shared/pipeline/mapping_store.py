@@ -1,6 +1,6 @@
 """Where publishers' mappings are kept: the :class:`MappingStore` port and its SQLite adapter in the data
-dir (the embedded default). A mapping is not a secret; it moves onto the shared state store (SQLite /
-Azure Tables) with the other per-publisher state.
+dir, and :class:`StateMappingStore` on the shared state store (SQLite / Azure Tables), which a running
+service uses: a mapping is not a secret, and every instance's write stage must read the same one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from shared.names import TABLE_PUBLISHER_SETTINGS
 from shared.pipeline.mapping import ValidatedMapping
+from shared.state.base import StateStore, safe_key
+
+_MAPPING_ROW = "mapping"
 
 
 @runtime_checkable
@@ -67,3 +71,24 @@ class SqliteMappingStore:
             return conn.execute("DELETE FROM mappings WHERE publisher_id = ?", (publisher_id,)).rowcount > 0
         finally:
             conn.close()
+
+
+class StateMappingStore:
+    """:class:`MappingStore` in the shared state store (table ``publishersettings``, row ``mapping``):
+    what every instance's write stage and API read."""
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+
+    def get(self, publisher_id: str) -> ValidatedMapping | None:
+        entity = self._state.get(TABLE_PUBLISHER_SETTINGS, safe_key(publisher_id), _MAPPING_ROW)
+        body = entity.data.get("mapping") if entity is not None else None
+        return ValidatedMapping.model_validate_json(body) if isinstance(body, str) else None
+
+    def put(self, publisher_id: str, mapping: ValidatedMapping) -> None:
+        self._state.upsert(
+            TABLE_PUBLISHER_SETTINGS, safe_key(publisher_id), _MAPPING_ROW, {"mapping": mapping.model_dump_json()}
+        )
+
+    def delete(self, publisher_id: str) -> bool:
+        return self._state.delete(TABLE_PUBLISHER_SETTINGS, safe_key(publisher_id), _MAPPING_ROW)

@@ -12,15 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from shared.cache import KeyedLocks, LruCache, TtlCache
 from shared.crm import DataverseClient, TokenProvider
 from shared.crm.connection import Connection
+from shared.crm.metadata import ExistingRecords
 from shared.crm.pacing import Pacer
 from shared.errors import CONFIGURATION_REASONS, CredentialsMissing, DeadLetter, LeadWriterError
 from shared.pipeline import check_solution, validate_credentials, write_lead
 from shared.pipeline.lead import LeadMessage, parse_incoming
+from shared.pipeline.mapping import ValidatedMapping
+from shared.pipeline.mapping_store import MappingStore
 from shared.pipeline.outcomes import Outcome, Stage, outcome_for_error
 from shared.secretstore.base import ConnectionStore
 from shared.settings import Settings
@@ -35,6 +39,13 @@ MISSING_TTL = 30.0
 #: Even a "read it fresh" (after a configuration dead letter) asks the store at most this often.
 FRESH_READ_INTERVAL = 5.0
 T = TypeVar("T")
+
+@dataclass(frozen=True)
+class MappingFound:
+    """A publisher's mapping as last read (None: none stored)."""
+
+    mapping: ValidatedMapping | None
+
 
 StageStep = Callable[["Pipeline", ReceivedMessage, bool], Outcome]
 
@@ -57,6 +68,7 @@ class Pipeline:
         *,
         tokens: TokenProvider | None = None,
         pacer: Pacer | None = None,
+        mappings: MappingStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -71,6 +83,11 @@ class Pipeline:
         #: Solution version per (publisher, connection fingerprint); None = not installed.
         self.solution_cache: TtlCache[tuple[str, str], check_solution.SolutionFound] = TtlCache(clock)
         self._clients: LruCache[str, DataverseClient] = LruCache()
+        #: How each publisher's leads land (None: the default mapping for every publisher).
+        self.mappings = mappings
+        self._mapping_cache: TtlCache[str, MappingFound] = TtlCache(clock)
+        #: Contacts/accounts found by e-mail for linking, per CRM (one query per customer, cached).
+        self.links = ExistingRecords()
         self.key_locks: KeyedLocks[object] = KeyedLocks()
 
     # -- shared pieces -------------------------------------------------------------------------
@@ -117,9 +134,20 @@ class Pipeline:
             return 0.0, self.settings.max_batch
         return self.pacer.room(client.throttle_key)
 
+    def mapping(self, publisher_id: str) -> ValidatedMapping | None:
+        """The publisher's mapping (cached like a connection); None: the default mapping."""
+        if self.mappings is None:
+            return None
+        found = self._mapping_cache.get(publisher_id)
+        if found is None:
+            found = MappingFound(self.mappings.get(publisher_id))
+            self._mapping_cache.put(publisher_id, found, CONNECTION_TTL)
+        return found.mapping
+
     def forget(self, publisher_id: str) -> None:
-        """Drop what is cached for a publisher (after its connection changed)."""
+        """Drop what is cached for a publisher (after its connection or its mapping changed)."""
         self._connection_cache.pop(publisher_id)
+        self._mapping_cache.pop(publisher_id)
         self._missing.pop(publisher_id)
         self._fresh_missing.pop(publisher_id)
         self.solution_cache.pop_where(lambda key: key[0] == publisher_id)

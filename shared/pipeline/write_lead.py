@@ -8,9 +8,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from shared.crm import LeadWrite, WriteResult
+from shared.crm import DataverseClient, LeadWrite, WriteResult
 from shared.errors import InvalidLead, LeadWriterError
 from shared.pipeline.lead import LeadMessage, lead_record_id, to_dataverse_columns
+from shared.pipeline.mapping import columns_for
 from shared.pipeline.outcomes import Delivered, Outcome, Retry, outcome_for_error
 from shared.transport.base import ReceivedMessage
 
@@ -24,16 +25,23 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 100
 
 
-def lead_write(lead: LeadMessage) -> LeadWrite:
-    """The one way a lead becomes a CRM write: its deterministic record id and its columns."""
-    return LeadWrite(lead_record_id(lead.publisher_id, lead.lead_id), to_dataverse_columns(lead))
+def lead_write(pipeline: Pipeline, lead: LeadMessage, client: DataverseClient) -> LeadWrite:
+    """The one way a lead becomes a CRM write: its deterministic record id, and its columns under the
+    publisher's mapping (linked to the customer's contact or account when the mapping says so; that
+    lookup is cached per e-mail). Raises what the lookup raises (retried like the write)."""
+    mapping = pipeline.mapping(lead.publisher_id)
+    if mapping is None:
+        return LeadWrite(lead_record_id(lead.publisher_id, lead.lead_id), to_dataverse_columns(lead))
+    link = pipeline.links.find(client, mapping, lead)
+    return LeadWrite(lead_record_id(lead.publisher_id, lead.lead_id), columns_for(lead, mapping, link=link))
 
 
 def run(pipeline: Pipeline, message: ReceivedMessage, fresh: bool) -> Outcome:
     """Raises InvalidLead, CredentialsMissing, LeadRejected, PermissionDenied, RetryLater."""
     lead = pipeline.lead(message, incoming=False)
     connection = pipeline.connection(lead.publisher_id, fresh=fresh)
-    result = pipeline.client(connection).create_lead(lead_write(lead))
+    client = pipeline.client(connection)
+    result = client.create_lead(lead_write(pipeline, lead, client))
     return Delivered(result.record_id, result.created)
 
 
@@ -67,7 +75,8 @@ def run_many(pipeline: Pipeline, messages: Sequence[ReceivedMessage]) -> list[Ou
 def _write_batch(pipeline: Pipeline, leads: list[LeadMessage]) -> list[Outcome]:
     def attempt(fresh: bool) -> list[Outcome]:
         connection = pipeline.connection(leads[0].publisher_id, fresh=fresh)
-        results = pipeline.client(connection).create_leads([lead_write(lead) for lead in leads])
+        client = pipeline.client(connection)
+        results = client.create_leads([lead_write(pipeline, lead, client) for lead in leads])
         return [_result_outcome(result) for result in results]
 
     try:

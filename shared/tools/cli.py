@@ -75,9 +75,11 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run the three stage workers.")] = True,
 ) -> None:
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
+    from shared.ops.logfilter import install as install_log_rate_limit
     from shared.ops.telemetry import configure_telemetry
     from shared.runtime.embedded import EmbeddedRuntime
     from shared.services import Services
+    from shared.tools.httpserver import connection_cap, raise_fd_limit, server_config
 
     settings = _settings()
     _configure_logging(settings)
@@ -86,6 +88,11 @@ def serve(
     except ConfigurationError as exc:
         console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    # After telemetry, so its handlers are rate-limited too: a line that can repeat thousands of times
+    # a second (an accept error, a refused connection) must not fill the disk.
+    install_log_rate_limit()
+    # Before anything opens a file: the API's connection cap is computed from what is allowed.
+    fd_limit = raise_fd_limit()
     services = Services.from_settings(settings)
     runtime = None
     if workers:
@@ -111,14 +118,14 @@ def serve(
 
             console.print(f"[green]API on http://{settings.http_host}:{settings.http_port}/api[/green]")
             # Returns after finishing the requests in flight, on SIGINT/SIGTERM.
-            uvicorn.run(
-                create_app(services),
-                host=settings.http_host,
-                port=settings.http_port,
-                log_level="warning",
-                # uvicorn's access log carries the query string, and with it an ingest ?key=.
-                access_log=False,
-            )
+            uvicorn.Server(
+                server_config(
+                    create_app(services),
+                    host=settings.http_host,
+                    port=settings.http_port,
+                    max_connections=connection_cap(fd_limit, settings.worker_concurrency),
+                )
+            ).run()
         else:
             stop.wait()
     finally:

@@ -235,17 +235,25 @@ def test_refused_credentials_messages_tell_the_publisher_what_to_fix(
 
 
 def test_a_failing_token_endpoint_is_authority_unavailable_and_retried_later(
-    simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
+    simulator: CrmSimulator, crm_org: SimOrg, settings: Settings
 ) -> None:
     simulator.faults(crm_org.name).token_fail_next(1, status=503)
-    client = make_client(secret_connection(crm_org))
+    now = [0.0]
+    tokens = TokenProvider(settings, monotonic=lambda: now[0])
+    client = DataverseClient(secret_connection(crm_org), settings, tokens=tokens)
 
     with pytest.raises(AuthorityUnavailable) as caught:
         client.whoami()
 
     assert caught.value.status == 503
     assert isinstance(caught.value, RetryLater)
-    assert client.whoami().user_id  # the next attempt gets a token
+    asked = simulator.token_requests(crm_org.name)
+    with pytest.raises(AuthorityUnavailable) as backing_off:
+        client.whoami()  # inside the back-off: refused without asking the endpoint again
+    assert backing_off.value.retry_after is not None
+    assert simulator.token_requests(crm_org.name) == asked
+    now[0] += backing_off.value.retry_after
+    assert client.whoami().user_id  # the next attempt after the back-off gets a token
     assert simulator.requests(crm_org.name).whoami == 1
 
 

@@ -35,6 +35,7 @@ from shared.ops.deadletters import (
     purge,
     replay,
 )
+from shared.pipeline.bounds import BoundsExceeded, check_json_text, check_size
 from shared.pipeline.messages import envelope
 from shared.settings import Settings
 from shared.transport.base import OutgoingMessage
@@ -141,10 +142,25 @@ def _enqueue_lines(stream: TextIO) -> Iterator[tuple[int, OutgoingMessage | str]
         text = line.strip()
         if not text:
             continue
+        # The bounds every door applies (shared.pipeline.bounds), checked before parsing: the parser
+        # recurses once per level, and a line past them could never be shown as a dead letter.
+        try:
+            check_size(len(text.encode("utf-8", "surrogatepass")))
+            check_json_text(text)
+        except BoundsExceeded as exc:
+            yield number, str(exc)
+            continue
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, f"not JSON ({exc.msg} at column {exc.colno})"
+            continue
+        except RecursionError:
+            yield number, "not JSON (nested too deeply)"
+            continue
+        except ValueError as exc:
+            # e.g. an integer of more digits than Python converts (4300): refused, not a traceback.
+            yield number, f"not JSON ({exc})"
             continue
         if not isinstance(data, dict):
             yield number, f"not a JSON object (a {type(data).__name__})"
@@ -231,15 +247,20 @@ def _is_single_object(path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     try:
+        check_json_text(first)
         json.loads(first)
         return False
     except json.JSONDecodeError:
         pass
+    except (BoundsExceeded, ValueError, RecursionError):
+        return False  # a complete line past the bounds: JSON lines, each line judged on its own
     try:
         if path.stat().st_size > MAX_SINGLE_OBJECT:
             return False
-        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        text = path.read_text(encoding="utf-8")
+        check_json_text(text)
+        return isinstance(json.loads(text), dict)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
 
 

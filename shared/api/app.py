@@ -19,6 +19,7 @@ from shared.api import routes_admin, routes_publishers
 from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
+from shared.datadir import WritableProbe
 from shared.names import QUEUE_INCOMING
 from shared.pipeline.lead import MAX_BODY_BYTES
 from shared.services import Services
@@ -49,6 +50,17 @@ async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
     return name, "ok"
 
 
+async def _data_dir_check(probe: WritableProbe) -> tuple[str, str]:
+    """("dataDir", "ok") or what is wrong with it: "full", "read-only", "not writable (…)"."""
+    try:
+        problem = await asyncio.wait_for(run_in_threadpool(probe.problem), timeout=HEALTH_TIMEOUT)
+    except TimeoutError:
+        problem = "not answering"
+    if problem is not None:
+        logger.warning("health check dataDir failed: the data dir is %s", problem)
+    return "dataDir", problem or "ok"
+
+
 def create_app(services: Services) -> FastAPI:
     """The HTTP API over ``services``. Raises nothing; backends are first used per request."""
     app = FastAPI(
@@ -60,6 +72,9 @@ def create_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    # Every backend keeps something in the data dir (status, penalties; the embedded ones everything).
+    # Probed by writing a small file, at most every few seconds however often health is asked.
+    data_dir_probe = WritableProbe(services.settings.data_dir)
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
 
@@ -70,6 +85,7 @@ def create_app(services: Services) -> FastAPI:
             await asyncio.gather(
                 _check("queue", lambda: services.transport.stats(QUEUE_INCOMING)),
                 _check("secrets", lambda: services.secrets.get(_HEALTH_PROBE_SECRET)),
+                _data_dir_check(data_dir_probe),
             )
         )
         ok = all(state == "ok" for state in checks.values())

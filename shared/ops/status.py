@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shared import datadir
 from shared.errors import CONFIGURATION_REASONS
 from shared.names import PROP_PUBLISHER_ID
 from shared.pipeline.settle import Settled
@@ -45,7 +46,9 @@ class StatusBook:
     """Counts deliveries and remembers the last error per publisher."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Names and e-mail addresses in the last errors: a private directory and a 0600 file.
+        datadir.prepare(path.parent)
+        datadir.private_file(path)
         self._path = path
         self._local = threading.local()
         with self._db() as db:

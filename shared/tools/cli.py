@@ -76,6 +76,7 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run the three stage workers.")] = True,
 ) -> None:
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
+    from shared.datadir import prepare as prepare_data_dir
     from shared.ops.logfilter import install as install_log_rate_limit
     from shared.ops.telemetry import configure_telemetry
     from shared.runtime.embedded import EmbeddedRuntime
@@ -94,7 +95,13 @@ def serve(
     install_log_rate_limit()
     # Before anything opens a file: the API's connection cap is computed from what is allowed.
     fd_limit = raise_fd_limit()
-    services = Services.from_settings(settings)
+    try:
+        # A read-only data dir stops serve here, naming it, rather than failing every lead later.
+        prepare_data_dir(settings.data_dir)
+        services = Services.from_settings(settings)
+    except ConfigurationError as exc:
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     runtime = None
     if workers:
         runtime = EmbeddedRuntime(

@@ -32,6 +32,7 @@ from shared.errors import (
     LeadRejected,
     PermissionDenied,
     RetryLater,
+    SolutionMissing,
     UnsafeCrmUrl,
 )
 from shared.settings import Settings
@@ -316,6 +317,21 @@ def test_solution_version_is_none_when_missing_and_the_installed_version_otherwi
 
     assert client.solution_version("MicrosoftMarketplacesLeadIntegrationSolution") == expected
     assert client.solution_version("SomeOtherSolution") is None
+
+
+def test_a_refused_solution_query_is_solution_missing_with_the_crms_message_not_a_rejected_lead(
+    simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
+) -> None:
+    client = make_client(secret_connection(crm_org))
+    client.whoami()  # the token and the first request are out of the way
+    simulator.faults(crm_org.name).fail_next(1, status=400)
+
+    with pytest.raises(SolutionMissing) as caught:
+        client.solution_version("MicrosoftMarketplacesLeadIntegrationSolution")
+
+    assert caught.value.status == 400
+    assert "MicrosoftMarketplacesLeadIntegrationSolution" in caught.value.message
+    assert "refused the query" in caught.value.message
 
 
 # --- writing leads ---------------------------------------------------------------------------------

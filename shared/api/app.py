@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from shared.api import routes_admin, routes_publishers
+from shared.api.auth import LIMITER_STATE, FailedKeyLimiter
 from shared.api.errors import install_error_handlers
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
@@ -72,6 +73,8 @@ def create_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    # Invalid keys per client address (shared.api.auth): one limiter per app, so per process.
+    setattr(app.state, LIMITER_STATE, FailedKeyLimiter())
     # Every backend keeps something in the data dir (status, penalties; the embedded ones everything).
     # Probed by writing a small file, at most every few seconds however often health is asked.
     data_dir_probe = WritableProbe(services.settings.data_dir)

@@ -14,10 +14,11 @@ from shared.crm import TokenProvider
 from shared.crm.auth import (
     AUTHORITY_BACKOFF_MAX_SECONDS,
     REJECTION_BACKOFF_SECONDS,
+    AuthorityBackingOff,
     authority_backoff,
 )
 from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
-from shared.errors import AuthorityUnavailable, CredentialsRejected, DeadLetterReason
+from shared.errors import AuthorityUnavailable, CredentialsRejected, CrmPaced, DeadLetterReason
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
 from tests.fixtures.harness import lead_message, running
@@ -128,11 +129,15 @@ def test_while_the_token_endpoint_fails_each_principal_backs_off_without_asking(
     for _ in range(600):
         with pytest.raises(AuthorityUnavailable) as caught:
             tokens.token(connection)
-        waits.append(caught.value.retry_after)
+        if isinstance(caught.value, AuthorityBackingOff):
+            waits.append(caught.value.retry_after)
         clock.now += 0.1
     made = simulator.token_requests(crm_org.name) - before
     assert 3 <= made <= 8, made
+    # Every other caller was told how long to wait, as a wait that spends no retry attempt.
+    assert len(waits) == 600 - made
     assert all(wait is not None and wait > 0 for wait in waits)
+    assert issubclass(AuthorityBackingOff, CrmPaced)
     simulator.faults(crm_org.name).clear()
     clock.now += AUTHORITY_BACKOFF_MAX_SECONDS
     assert tokens.token(connection)
@@ -173,3 +178,20 @@ def test_leads_of_a_rotated_password_dead_letter_credentials_rejected_after_one_
         h.wait_for(lambda: len(h.dead_letters()) == 47)
         assert {item.reason for item in h.dead_letters()} == {DeadLetterReason.CREDENTIALS_REJECTED}
         assert simulator.token_requests(publisher) - before == 1
+
+
+def test_an_outage_of_the_token_endpoint_while_leads_flow_dead_letters_nothing_and_asks_a_handful_of_times(
+    simulator: CrmSimulator, tmp_path: Path
+) -> None:
+    with running(simulator, tmp_path) as h:
+        publisher, other = h.publisher(), h.publisher()
+        # Four failed token requests in a row: with the back-off (2, 4, 8, 16 s) about half a minute of
+        # outage, longer than the test's whole retry schedule (8 attempts, 6.4 s) would survive if the
+        # leads spent an attempt each time they were told to wait.
+        simulator.faults(publisher).token_fail_next(4, status=503)
+        h.send([lead_message(p, n) for n in range(20) for p in (publisher, other)])
+        h.start()
+        h.wait_for(lambda: len(h.written(other)) == 20, timeout=60)
+        h.wait_for(lambda: len(h.written(publisher)) == 20, timeout=120)
+        assert h.dead_letters() == []
+        assert simulator.token_requests(publisher) <= 6

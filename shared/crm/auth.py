@@ -9,7 +9,7 @@ ten failures), so the provider asks Entra as rarely as the facts allow:
   when the publisher stores a fixed connection);
 - while the token endpoint **fails** (:class:`AuthorityUnavailable`), each principal backs off
   exponentially (:func:`authority_backoff`, a handful of attempts a minute at most): callers get
-  ``AuthorityUnavailable`` with ``retry_after`` without a request.
+  :class:`AuthorityBackingOff` (an ``AuthorityUnavailable`` with ``retry_after``) without a request.
 
 Every map the provider keeps is bounded (:data:`MAX_ENTRIES`, least recently used goes first), so
 rotated credentials do not accumulate.
@@ -43,7 +43,7 @@ from shared.crm.errors import (
     request_id_of,
 )
 from shared.crm.urlguard import check_crm_url
-from shared.errors import AuthorityUnavailable, CredentialsRejected, LeadWriterError
+from shared.errors import AuthorityUnavailable, CredentialsRejected, CrmPaced, LeadWriterError
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,16 @@ class _Outage:
     failures: int
     until: float
     error: AuthorityUnavailable
+
+
+class AuthorityBackingOff(AuthorityUnavailable, CrmPaced):
+    """Nothing was sent: the token endpoint failed for this principal lately and is not asked again
+    before ``retry_after``. An :class:`AuthorityUnavailable`, and like :class:`CrmPaced` a wait rather
+    than a failure, so a runtime holds the message instead of spending one of its retry attempts (an
+    outage of the authority must not run a lead out of attempts faster than the schedule would)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, wait="authority")
 
 
 class _Lru(Generic[_K, _V]):
@@ -266,10 +276,10 @@ class TokenProvider:
                 request_id=remembered.request_id,
             )
         if outage is not None and now < outage.until:
-            raise AuthorityUnavailable(
-                f"{outage.error.message}; backing off after {outage.failures} failure(s) in a row",
+            raise AuthorityBackingOff(
+                f"{outage.error.message}; not asked again for {outage.until - now:.0f} s after "
+                f"{outage.failures} failure(s) in a row",
                 retry_after=outage.until - now,
-                status=outage.error.status,
             )
 
     def _remember_failure(self, key: str, connection: Connection, error: LeadWriterError) -> None:
@@ -284,8 +294,6 @@ class TokenProvider:
                 failures = (previous.failures if previous is not None else 0) + 1
                 delay = authority_backoff(failures, error.retry_after)
                 self._outages[principal] = _Outage(failures, now + delay, error)
-                # The caller waits at least as long as the next attempt is held back.
-                error.retry_after = max(error.retry_after or 0.0, delay)
 
     def _cached(self, key: str) -> str | None:
         with self._guard:

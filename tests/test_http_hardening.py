@@ -131,7 +131,7 @@ def test_idle_and_trickling_connections_are_capped_and_timed_out_while_health_an
         harness.start()
         harness.wait_for(lambda: len(harness.written(publisher)) == 10)
 
-        wait_all_closed(idle, slow, timeout=30)
+        wait_all_closed(idle, slow, timeout=60)
         assert wait_until(lambda: live.connections() == 0, timeout=10)
 
 

@@ -189,7 +189,9 @@ def server_config(
         limit_concurrency=max_connections + 1,
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        backlog=min(2048, max_connections),
+        # Pending connections wait in the kernel, holding no descriptor of ours; a short queue would
+        # only drop clients the cap could have served by evicting an idle one.
+        backlog=2048,
         # uvicorn's access log carries the query string, and with it an ingest ?key=.
         access_log=False,
         log_level=options.pop("log_level", "warning"),

@@ -33,8 +33,6 @@ PROP_DEFERRALS = "deferrals"
 BROKER_FILE = "broker.db"
 SECRETS_FILE = "secrets.db"
 SECRET_KEY_FILE = "secret.key"  # noqa: S105 - a file name, not a secret
-STATUS_FILE = "status.db"
-PENALTIES_FILE = "penalties.json"
 STATE_FILE = "state.db"
 
 #: Azure Table Storage tables of the state port (architecture §2), in the deployment's storage account.

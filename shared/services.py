@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shared import datadir
 from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
 from shared.ops.apikeys import ApiKeyStore, StateRecords
@@ -57,7 +58,8 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         """Build every service the settings select. Raises ConfigurationError for a bad setting."""
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # 0700, writable (a read-only data dir fails here, naming it).
+        datadir.prepare(settings.data_dir)
         secrets = make_secret_store(settings)
         connections = ConnectionStore(secrets)
         state = make_state_store(settings)

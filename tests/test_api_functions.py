@@ -83,7 +83,7 @@ def _invoke(method: str, url: str, *, headers: dict[str, str] | None = None, bod
 def test_the_http_function_serves_the_api_app_built_once_from_the_environment(functions_env: Path) -> None:
     health = _invoke("GET", "http://localhost/api/health")
     assert health.status_code == 200
-    assert json.loads(health.get_body())["checks"] == {"queue": "ok", "secrets": "ok"}
+    assert json.loads(health.get_body())["checks"] == {"queue": "ok", "secrets": "ok", "dataDir": "ok"}
     assert health.headers["X-Content-Type-Options"] == "nosniff"
     app = functions.http.api_app()
     assert functions.http.api_app() is app

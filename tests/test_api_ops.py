@@ -12,6 +12,7 @@ import pytest
 
 from shared.api.routes_publishers import PublisherCounter
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
+from shared.pipeline.lead import parse_incoming
 from shared.runtime.embedded import wait_until
 from shared.transport.base import OutgoingMessage, Transport
 from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack
@@ -114,6 +115,26 @@ def test_a_marketplace_test_lead_without_contact_details_is_accepted(stack: ApiS
     lead = {"UserDetails": {"FirstName": "MSFT_TEST_636573304831318844"}, "LeadSource": "AzureMarketplace"}
     answer = stack.client.post("/api/publishers/contoso/leads", json=lead, headers=stack.bearer(key))
     assert answer.status_code == 202
+
+
+def test_a_lone_surrogate_in_an_ingested_lead_is_repaired_as_the_queue_path_repairs_it(stack: ApiStack) -> None:
+    key = stack.key_for("contoso")
+    # A JSON "\ud800" escape: a lone surrogate half, in a field that is read and in one that is not.
+    content = b'{"UserDetails": {"FirstName": "Ada\\ud800", "Email": "ada@example.com"}, "Extra\\udc00": "x\\ud800"}'
+    answer = stack.client.post(
+        "/api/publishers/contoso/leads",
+        content=content,
+        headers={"Content-Type": "application/json", **stack.bearer(key)},
+    )
+    assert answer.status_code == 202, answer.text
+    [message] = _queued(stack.services.transport)
+    message.body.decode("utf-8")  # valid UTF-8: nothing is stored that the next hop cannot read
+    queued = parse_incoming(message.body)
+    on_the_queue = parse_incoming(
+        b'{"leadId": "q", "publisherId": "contoso", "lead": {"UserDetails": {"FirstName": "Ada\\ud800", '
+        b'"Email": "ada@example.com"}}}'
+    )
+    assert queued.lead.customer.first_name == on_the_queue.lead.customer.first_name == "Ada\ufffd"
 
 
 # -- status ------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_health_reports_backends_and_answers_ok_when_they_answer(stack: ApiStack
         "queueBackend": "embedded",
         "secretBackend": "embedded",
         "stateBackend": "embedded",
-        "checks": {"queue": "ok", "secrets": "ok"},
+        "checks": {"queue": "ok", "secrets": "ok", "dataDir": "ok"},
     }
     assert_security_headers(answer)
 
@@ -100,7 +100,7 @@ def test_health_answers_503_naming_the_backend_that_does_not_answer(tmp_path: Pa
     with api_stack(tmp_path / "data", services=broken) as stack:
         answer = stack.client.get("/api/health")
         assert answer.status_code == 503
-        assert answer.json()["checks"] == {"queue": "ok", "secrets": "unavailable"}
+        assert answer.json()["checks"] == {"queue": "ok", "secrets": "unavailable", "dataDir": "ok"}
         assert answer.json()["status"] == "degraded"
         # A publisher key cannot be checked while the store is down: 503 with Retry-After, not 401.
         status = stack.client.get("/api/publishers/contoso/status", headers=stack.bearer("lw_contoso_0_x"))

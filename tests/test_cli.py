@@ -186,6 +186,36 @@ def test_enqueue_sends_good_lines_and_reports_bad_ones_by_line_number_with_exit_
     assert "lead-1" in {m.message_id for m in sent}, "the leadId is the message id"
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["hostile-lines-inside", "hostile-first-line"])
+@pytest.mark.parametrize("stdin", [False, True], ids=["file", "stdin"])
+def test_enqueue_reports_lines_nested_too_deep_or_with_huge_integers_and_sends_the_rest(
+    cli: Cli, tmp_path: Path, first: bool, stdin: bool
+) -> None:
+    good = [json.dumps({"publisherId": "contoso", "leadId": f"good-{n}", "lead": {}}) for n in range(3)]
+    hostile = [
+        '{"publisherId": "contoso", "leadId": "deep-300", "x": ' + "[" * 300 + "]" * 300 + "}",
+        '{"publisherId": "contoso", "leadId": "deep-1000", "x": ' + "[" * 1000 + "]" * 1000 + "}",
+        '{"publisherId": "contoso", "leadId": "digits", "n": ' + "7" * 5000 + "}",
+    ]
+    lines = [*hostile, *good] if first else [good[0], *hostile, good[1], good[2]]
+    text = "\n".join(lines) + "\n"
+    if stdin:
+        result = cli.run("enqueue", "-", stdin=text)
+    else:
+        path = tmp_path / "hostile.jsonl"
+        path.write_text(text, encoding="utf-8")
+        result = cli.run("enqueue", str(path))
+
+    assert result.code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "sent 3 message(s) to leads-incoming; refused 3" in result.stdout
+    numbers = [lines.index(line) + 1 for line in hostile]
+    assert re.search(rf"line {numbers[0]}: .*nested more than 32 levels.*not sent", result.stderr)
+    assert re.search(rf"line {numbers[1]}: .*nested more than 32 levels.*not sent", result.stderr)
+    assert re.search(rf"line {numbers[2]}: not JSON .*digits.*not sent", result.stderr)
+    assert sorted(m.message_id for m in cli.receive_all(QUEUE_INCOMING)) == ["good-0", "good-1", "good-2"]
+
+
 def test_enqueue_dash_reads_json_lines_from_stdin(cli: Cli) -> None:
     lines = "".join(json.dumps({"publisherId": "contoso", "leadId": f"stdin-{n}"}) + "\n" for n in range(3))
 

@@ -31,6 +31,7 @@ from shared.errors import (
     LeadRejected,
     PermissionDenied,
     RetryLater,
+    SolutionMissing,
     UnsafeCrmUrl,
 )
 from shared.http import retry_after_seconds
@@ -235,17 +236,25 @@ def test_refused_credentials_messages_tell_the_publisher_what_to_fix(
 
 
 def test_a_failing_token_endpoint_is_authority_unavailable_and_retried_later(
-    simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
+    simulator: CrmSimulator, crm_org: SimOrg, settings: Settings
 ) -> None:
     simulator.faults(crm_org.name).token_fail_next(1, status=503)
-    client = make_client(secret_connection(crm_org))
+    now = [0.0]
+    tokens = TokenProvider(settings, monotonic=lambda: now[0])
+    client = DataverseClient(secret_connection(crm_org), settings, tokens=tokens)
 
     with pytest.raises(AuthorityUnavailable) as caught:
         client.whoami()
 
     assert caught.value.status == 503
     assert isinstance(caught.value, RetryLater)
-    assert client.whoami().user_id  # the next attempt gets a token
+    asked = simulator.token_requests(crm_org.name)
+    with pytest.raises(AuthorityUnavailable) as backing_off:
+        client.whoami()  # inside the back-off: refused without asking the endpoint again
+    assert backing_off.value.retry_after is not None
+    assert simulator.token_requests(crm_org.name) == asked
+    now[0] += backing_off.value.retry_after
+    assert client.whoami().user_id  # the next attempt after the back-off gets a token
     assert simulator.requests(crm_org.name).whoami == 1
 
 
@@ -308,6 +317,21 @@ def test_solution_version_is_none_when_missing_and_the_installed_version_otherwi
 
     assert client.solution_version("MicrosoftMarketplacesLeadIntegrationSolution") == expected
     assert client.solution_version("SomeOtherSolution") is None
+
+
+def test_a_refused_solution_query_is_solution_missing_with_the_crms_message_not_a_rejected_lead(
+    simulator: CrmSimulator, crm_org: SimOrg, make_client: Callable[..., DataverseClient]
+) -> None:
+    client = make_client(secret_connection(crm_org))
+    client.whoami()  # the token and the first request are out of the way
+    simulator.faults(crm_org.name).fail_next(1, status=400)
+
+    with pytest.raises(SolutionMissing) as caught:
+        client.solution_version("MicrosoftMarketplacesLeadIntegrationSolution")
+
+    assert caught.value.status == 400
+    assert "MicrosoftMarketplacesLeadIntegrationSolution" in caught.value.message
+    assert "refused the query" in caught.value.message
 
 
 # --- writing leads ---------------------------------------------------------------------------------

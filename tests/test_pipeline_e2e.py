@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import DeadLetterReason
+from shared.errors import CONFIGURATION_REASONS, DeadLetterReason
 from shared.names import QUEUE_READY
 from shared.pipeline.lead import lead_record_id, parse_incoming
 from shared.pipeline.messages import envelope
@@ -104,6 +104,23 @@ def test_each_configuration_failure_lands_in_its_reason(simulator: CrmSimulator,
         assert reasons == {p: str(r) for p, r in cases.items()}
         for dead in h.dead_letters():
             assert dead.description
+
+
+def test_a_400_to_the_solution_query_dead_letters_solution_missing_for_auto_replay(
+    simulator: CrmSimulator, tmp_path: Path
+) -> None:
+    with running(simulator, tmp_path) as h:
+        publisher = h.publisher()
+        # The first CRM requests of a lead's journey are the solution check (the token is Entra's), asked
+        # twice: a configuration dead letter is retried once with the connection read fresh.
+        simulator.faults(publisher).fail_next(2, status=400)
+        h.send([lead_message(publisher, 1)])
+        h.start()
+        h.wait_for(lambda: len(h.dead_letters()) == 1)
+        [dead] = h.dead_letters()
+        assert dead.reason == DeadLetterReason.SOLUTION_MISSING
+        assert dead.reason in {str(reason) for reason in CONFIGURATION_REASONS}
+        assert "solution" in (dead.description or "")
 
 
 @pytest.mark.parametrize(

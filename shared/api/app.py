@@ -17,10 +17,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from shared.api import routes_admin, routes_console, routes_mapping, routes_publishers, routes_whoami
+from shared.api.auth import LIMITER_STATE, FailedKeyLimiter
 from shared.api.errors import install_error_handlers
 from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
+from shared.datadir import WritableProbe
 from shared.names import QUEUE_INCOMING
 from shared.pipeline.identity import SeenIds
 from shared.pipeline.lead import MAX_BODY_BYTES
@@ -74,6 +76,17 @@ async def _check(name: str, probe: Callable[[], Any]) -> tuple[str, str]:
     return name, "ok"
 
 
+async def _data_dir_check(probe: WritableProbe) -> tuple[str, str]:
+    """("dataDir", "ok") or what is wrong with it: "full", "read-only", "not writable (…)"."""
+    try:
+        problem = await asyncio.wait_for(run_in_threadpool(probe.problem), timeout=HEALTH_TIMEOUT)
+    except TimeoutError:
+        problem = "not answering"
+    if problem is not None:
+        logger.warning("health check dataDir failed: the data dir is %s", problem)
+    return "dataDir", problem or "ok"
+
+
 def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings: MappingStore | None = None) -> FastAPI:
     """The HTTP API over ``services``. Raises nothing; backends are first used per request.
 
@@ -96,6 +109,11 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
     app.state.services = services
     app.state.seen_ids = seen_ids if seen_ids is not None else services.seen_ids
     app.state.mappings = mappings if mappings is not None else services.pipeline.mappings
+    # Invalid keys per client address (shared.api.auth): one limiter per app, so per process.
+    setattr(app.state, LIMITER_STATE, FailedKeyLimiter())
+    # Every backend keeps something in the data dir (status, penalties; the embedded ones everything).
+    # Probed by writing a small file, at most every few seconds however often health is asked.
+    data_dir_probe = WritableProbe(services.settings.data_dir)
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
     health_lock = asyncio.Lock()
@@ -120,6 +138,7 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
                     await asyncio.gather(
                         _check("queue", lambda: services.transport.stats(QUEUE_INCOMING)),
                         _check("secrets", lambda: services.secrets.get(_HEALTH_PROBE_SECRET)),
+                        _data_dir_check(data_dir_probe),
                     )
                 )
                 health_cache[:] = [now, checks]

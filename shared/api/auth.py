@@ -10,15 +10,25 @@ the guard's dependency then only hands the already-decided :class:`Principal` to
 
 Keys are compared in constant time (``hmac.compare_digest`` for the admin key; hashes for publisher
 keys in :class:`~shared.ops.apikeys.ApiKeyStore`) and never logged.
+
+Guessing is slowed down per client address (:class:`FailedKeyLimiter`): after
+:data:`MAX_FAILED_KEYS` invalid keys within :data:`FAILED_KEY_WINDOW` seconds an address gets **429**
+with ``Retry-After`` — before any key it sends is checked — until its failures age out of the window.
+Other addresses are never affected. A request whose address is unknown (behind a proxy that does not
+pass it) is not limited here: that belongs to the front end.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.routing import APIRoute
@@ -34,6 +44,14 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An admin key or a publ
 
 _STATE_KEY = "principal"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+#: Invalid keys one address may send within the window before it is refused with 429.
+MAX_FAILED_KEYS: Final = 10
+FAILED_KEY_WINDOW: Final = 60.0
+#: Addresses remembered at once; the least recently seen is forgotten first.
+MAX_TRACKED_ADDRESSES: Final = 4096
+#: Where create_app keeps the app's limiter.
+LIMITER_STATE = "failed_keys"
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,85 @@ class Forbidden(HTTPException):
 
     def __init__(self, message: str) -> None:
         super().__init__(403, detail=message)
+
+
+class TooManyFailedKeys(HTTPException):
+    """429: this address sent too many invalid keys lately."""
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            429,
+            detail=f"too many invalid API keys from this address; retry after {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+
+class FailedKeyLimiter:
+    """Invalid keys per client address in a sliding window (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        limit: int = MAX_FAILED_KEYS,
+        window: float = FAILED_KEY_WINDOW,
+        max_addresses: int = MAX_TRACKED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._max_addresses = max_addresses
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        while failures and now - failures[0] >= self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+            return None
+        return failures
+
+    def retry_after(self, address: str | None) -> float | None:
+        """Seconds ``address`` must wait before its keys are checked again, or None when it need not."""
+        if address is None:
+            return None
+        with self._lock:
+            now = self._clock()
+            failures = self._recent(address, now)
+            if failures is None or len(failures) < self.limit:
+                return None
+            return failures[-self.limit] + self.window - now
+
+    def failed(self, address: str | None) -> None:
+        """Count one invalid key from ``address``."""
+        if address is None:
+            return
+        with self._lock:
+            now = self._clock()
+            failures = self._recent(address, now)
+            if failures is None:
+                failures = self._failures[address] = deque(maxlen=self.limit)
+            failures.append(now)
+            self._failures.move_to_end(address)
+            while len(self._failures) > self._max_addresses:
+                self._failures.popitem(last=False)
+
+
+def _limiter_of(request: Request) -> FailedKeyLimiter:
+    limiter = getattr(request.app.state, LIMITER_STATE, None)
+    if not isinstance(limiter, FailedKeyLimiter):
+        limiter = FailedKeyLimiter()
+        setattr(request.app.state, LIMITER_STATE, limiter)
+    return limiter
+
+
+def _address_of(request: Request) -> str | None:
+    return request.client.host if request.client is not None and request.client.host else None
 
 
 def services_of(request: Request) -> Services:
@@ -116,9 +213,15 @@ class Guard:
     async def authorize(self, request: Request) -> Principal:
         """Decide the request's principal and store it on the request.
 
-        Raises Unauthenticated (401) or Forbidden (403); SecretStoreUnavailable when keys cannot be read.
+        Raises Unauthenticated (401) or Forbidden (403); TooManyFailedKeys (429) for an address that sent
+        too many invalid keys lately; SecretStoreUnavailable when keys cannot be read.
         """
         services = services_of(request)
+        limiter = _limiter_of(request)
+        address = _address_of(request)
+        wait = limiter.retry_after(address)
+        if wait is not None:
+            raise TooManyFailedKeys(wait)
         key = bearer_key(request)
         from_query = False
         if key is None and self.query_key:
@@ -129,6 +232,7 @@ class Guard:
             raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
         principal = await identify(services, key, allow_admin=not from_query)
         if principal is None:
+            limiter.failed(address)
             raise Unauthenticated("the API key is not valid")
         if self.admin_only:
             if not principal.admin:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol, runtime_checkable
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_of
@@ -45,9 +45,11 @@ from shared.pipeline.identity import (
 )
 from shared.pipeline.lead import (
     LeadMessage,
+    decode_json_object,
     lead_record_id,
     parse_incoming,
     parse_marketplace_lead,
+    repair_text,
     to_dataverse_columns,
 )
 from shared.pipeline.messages import envelope
@@ -377,6 +379,11 @@ def _ingest_lead_id(publisher_id: str, message: dict[str, Any], lead: Any, idemp
         raise InvalidLead("the body holds NaN or Infinity, which JSON does not allow", field="body") from None
 
 
+async def _raw_body(request: Request) -> bytes:
+    """The request body as sent; parsed by the lead rules, not FastAPI's (whose parser recurses)."""
+    return await request.body()
+
+
 @router.post(
     "/api/publishers/{publisherId}/leads",
     status_code=202,
@@ -388,16 +395,27 @@ def _ingest_lead_id(publisher_id: str, message: dict[str, Any], lead: Any, idemp
     "content, so the same lead sent twice is one lead: the second answer is 200 with `duplicate: true`. A body "
     "that is not a lead is refused at once with 422 naming the field. The publisher key may also be given as "
     "`?key=` for callers that can only be given a URL.",
+    # The body is read raw (see _raw_body), so its schema is declared here for the OpenAPI document.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": True,
+                        "description": "The marketplace lead object ({UserDetails, LeadSource, ActionCode, "
+                        "OfferTitle, Description}), or a whole leads-incoming message ({leadId, publisherId, "
+                        "receivedAt, lead})",
+                    }
+                }
+            },
+        }
+    },
 )
 def ingest_lead(
     publisher_id: PublisherId,
-    payload: Annotated[
-        dict[str, Any],
-        Body(
-            description="The marketplace lead object ({UserDetails, LeadSource, ActionCode, OfferTitle, "
-            "Description}), or a whole leads-incoming message ({leadId, publisherId, receivedAt, lead})"
-        ),
-    ],
+    raw: Annotated[bytes, Depends(_raw_body)],
     _principal: Annotated[Principal, Depends(INGEST)],
     services: ServicesDep,
     seen: Annotated[SeenIds, Depends(seen_ids_of)],
@@ -428,6 +446,8 @@ def ingest_lead(
     """
     del key  # read by the INGEST guard; declared for the OpenAPI document
     validate_publisher_id(publisher_id)
+    # The same door as the queue path: size, depth, UTF-8, strict JSON (no NaN), an object.
+    payload = decode_json_object(raw)
     if "lead" in payload:
         message: dict[str, Any] = dict(payload)
         claimed = message.get("publisherId")
@@ -439,10 +459,9 @@ def ingest_lead(
     message["leadId"] = _ingest_lead_id(publisher_id, message, message.get("lead"), idempotency_key)
     if message.get("receivedAt") is None:
         message["receivedAt"] = _now().isoformat().replace("+00:00", "Z")
-    try:
-        body = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    except ValueError:
-        raise InvalidLead("the body holds NaN or Infinity, which JSON does not allow", field="body") from None
+    # Lone surrogates (a "\\ud800" escape) are repaired by the rule the queue path applies, so the
+    # stored body is valid UTF-8 and the lead reads the same whichever door it came through.
+    body = json.dumps(repair_text(message), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     lead = parse_incoming(body)
     try:
         services.transport.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])

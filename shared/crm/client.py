@@ -41,7 +41,7 @@ from shared.crm.errors import (
 )
 from shared.crm.pacing import Pacer, request_window_of
 from shared.crm.urlguard import check_crm_url
-from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError
+from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError, SolutionMissing
 from shared.http import new_session
 from shared.settings import Settings
 
@@ -155,7 +155,10 @@ class DataverseClient:
     def solution_version(self, unique_name: str) -> str | None:
         """The installed version of the solution ``unique_name``, or None when it is not installed.
 
-        Raises like :meth:`whoami`.
+        Raises SolutionMissing (with the CRM's message) when the CRM refuses the query itself (400):
+        the solution name or the org's solutions table is not what Lead Writer needs, a configuration
+        problem that no retry fixes and that the lead did not cause — so it is replayed automatically
+        once the connection is fixed, unlike LeadRejected. Otherwise raises like :meth:`whoami`.
         """
         operation = "solution query"
         literal = unique_name.replace("'", "''")
@@ -163,6 +166,16 @@ class DataverseClient:
         response = self._request(
             "GET", f"solutions?$filter={query}&$select=uniquename,version", operation=operation
         )
+        if response.status_code == 400:
+            code, crm_message = odata_error(response.content)
+            detail = f": {crm_message}" if crm_message else ""
+            raise SolutionMissing(
+                f"the CRM refused the query for the Lead Writer solution {unique_name}{detail}; check that the "
+                "solution is installed and LEADWRITER_SOLUTION_NAME names it",
+                status=400,
+                code=code,
+                request_id=request_id_of(response.headers),
+            )
         if response.status_code != 200:
             raise _failure(response, operation)
         data = self._json(response, operation)

@@ -24,7 +24,6 @@ next receive reaches past them) and are abandoned, i.e. released unchanged, when
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import Any
 
 from shared.errors import CONFIGURATION_REASONS, InvalidFilter
 from shared.names import PROP_ATTEMPT, PROP_LEAD_ID, PROP_PUBLISHER_ID, PROP_REPLAY_COUNT, STAGE_QUEUES
+from shared.pipeline.bounds import MAX_BODY_BYTES, display_json
 from shared.pipeline.messages import hop_message_id, replay_count_of
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, ReceivedMessage, Transport
 
@@ -68,10 +68,12 @@ def _utc(value: datetime) -> datetime:
 
 
 def _json_body(body: bytes) -> Any:
+    """The parsed body when it is JSON within the bounds, else None (never recurses past them)."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value, note = display_json(body)
+    except UnicodeDecodeError:
         return None
+    return None if note is not None else value
 
 
 def _str_prop(props: Mapping[str, PropertyValue], name: str) -> str | None:
@@ -111,15 +113,22 @@ def lead_id_of(message: ReceivedMessage) -> str | None:
 
 
 def decode_body(body: bytes) -> Any:
-    """The body for display: parsed JSON, else UTF-8 text, else ``{"$base64": "..."}``."""
+    """The body for display: parsed JSON, else UTF-8 text, else ``{"$base64": "..."}``.
+
+    A body nested deeper or larger than the bounds (:mod:`shared.pipeline.bounds`) comes back as its
+    text, cut; :func:`decode_body_with_note` says so.
+    """
+    return decode_body_with_note(body)[0]
+
+
+def decode_body_with_note(body: bytes) -> tuple[Any, str | None]:
+    """:func:`decode_body` and the note on a body shown as cut text (None when shown whole)."""
     try:
-        text = body.decode("utf-8")
+        return display_json(body)
     except UnicodeDecodeError:
-        return {BASE64_MARKER: base64.b64encode(body).decode("ascii")}
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        encoded = base64.b64encode(body[:MAX_BODY_BYTES]).decode("ascii")
+        note = None if len(body) <= MAX_BODY_BYTES else f"only the first {MAX_BODY_BYTES} bytes are shown"
+        return {BASE64_MARKER: encoded}, note
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,10 +243,13 @@ class DeadLetterItem:
     replay_count: int
     #: Parsed JSON when the body is JSON, else the text; bytes that are not UTF-8: ``{"$base64": ...}``.
     body: Any
+    #: Set when the body is too deep or too large to show whole: it is then its text, cut.
+    body_note: str | None = None
 
     @classmethod
     def from_message(cls, message: ReceivedMessage) -> DeadLetterItem:
         """The API shape of a peeked or received dead letter."""
+        body, note = decode_body_with_note(message.body)
         return cls(
             message_id=message.message_id,
             lead_id=lead_id_of(message),
@@ -248,7 +260,8 @@ class DeadLetterItem:
             enqueued_at=_utc(message.enqueued_time),
             delivery_count=message.delivery_count,
             replay_count=replay_count_of(message),
-            body=decode_body(message.body),
+            body=body,
+            body_note=note,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -264,6 +277,7 @@ class DeadLetterItem:
             "deliveryCount": self.delivery_count,
             "replayCount": self.replay_count,
             "body": self.body,
+            **({"bodyNote": self.body_note} if self.body_note else {}),
         }
 
 

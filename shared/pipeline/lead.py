@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from shared.errors import InvalidLead, InvalidPublisherId
+from shared.pipeline.bounds import MAX_BODY_BYTES as MAX_BODY_BYTES  # re-exported: the limit lives in bounds
+from shared.pipeline.bounds import MAX_DEPTH as MAX_DEPTH
+from shared.pipeline.bounds import BoundsExceeded, check_json_text, check_value
 from shared.secretstore.base import validate_publisher_id
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES: Final = 256 * 1024
 MAX_LEAD_ID_LENGTH: Final = 200
 
 #: Namespace of the Dataverse lead ids (architecture §4). Fixed forever: changing it would re-create every
@@ -96,12 +98,52 @@ _ELLIPSIS = "…"
 
 
 def _fix_surrogates(text: str) -> str:
-    """Pair up surrogate halves and replace lone ones, so the text is valid Unicode (and JSON)."""
+    """Pair up surrogate halves and replace lone ones, so the text is valid Unicode (and JSON).
+
+    The one rule for lone surrogates, on the queue path and at the HTTP door alike.
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
+
+
+def repair_text(value: Any) -> Any:
+    """``value`` (parsed JSON) with :func:`_fix_surrogates` applied to every string, keys included.
+
+    Iterative, so it is safe on any value; call :func:`shared.pipeline.bounds.check_value` first to
+    bound the work. Raises nothing.
+    """
+    if isinstance(value, str):
+        return _fix_surrogates(value)
+    if not isinstance(value, dict | list):
+        return value
+    root: list[Any] = [value]
+    # (source container, target container) pairs still to copy.
+    pending: list[tuple[Any, Any]] = []
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, str):
+            return _fix_surrogates(item)
+        if isinstance(item, dict):
+            target: Any = {}
+        elif isinstance(item, list):
+            target = []
+        else:
+            return item
+        pending.append((item, target))
+        return target
+
+    root[0] = copy(value)
+    while pending:
+        source, target = pending.pop()
+        if isinstance(source, dict):
+            for key, child in source.items():
+                target[_fix_surrogates(key) if isinstance(key, str) else key] = copy(child)
+        else:
+            target.extend(copy(child) for child in source)
+    return root[0]
 
 
 class _Model(BaseModel):
@@ -225,6 +267,10 @@ def _describe(value: Any) -> str:
 
 def _decode_envelope(body: bytes | bytearray | memoryview | str | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(body, Mapping):
+        try:
+            check_value(body)
+        except BoundsExceeded as exc:
+            raise InvalidLead(f"body is {exc}") from None
         return body
     if isinstance(body, str):
         size = len(body.encode("utf-8", "surrogatepass"))
@@ -241,6 +287,11 @@ def _decode_envelope(body: bytes | bytearray | memoryview | str | Mapping[str, A
         except UnicodeDecodeError:
             raise InvalidLead("body is not UTF-8 text") from None
     try:
+        # Before parsing: the parser recurses once per level, and a stored body must be displayable.
+        check_json_text(text)
+    except BoundsExceeded as exc:
+        raise InvalidLead(f"body is {exc}") from None
+    try:
         envelope = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InvalidLead(
@@ -255,6 +306,16 @@ def _decode_envelope(body: bytes | bytearray | memoryview | str | Mapping[str, A
         raise InvalidLead(f"body is not valid JSON: {exc}") from None
     if not isinstance(envelope, dict):
         raise InvalidLead(f"body must be a JSON object, got {_describe(envelope)}")
+    return envelope
+
+
+def decode_json_object(body: bytes | bytearray | memoryview | str) -> dict[str, Any]:
+    """A body as a JSON object, under the bounds every door applies (size, depth, UTF-8, no NaN).
+
+    Raises InvalidLead (``field`` ``body``) for anything else.
+    """
+    envelope = _decode_envelope(body)
+    assert isinstance(envelope, dict)  # only a Mapping passed in comes back as something else
     return envelope
 
 

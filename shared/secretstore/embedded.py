@@ -30,6 +30,7 @@ from types import TracebackType
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shared import datadir
 from shared.errors import ConfigurationError
 from shared.names import SECRET_KEY_FILE, SECRETS_FILE
 from shared.secretstore.base import CONTENT_TYPE, validate_secret_name
@@ -140,11 +141,11 @@ class EmbeddedSecretStore:
 
         ``key`` is the raw 32-byte key or its urlsafe base64 encoding; without it the key is read from
         ``key_file`` (default ``secret.key`` beside the database), which is created if missing.
-        Raises ConfigurationError for an invalid key, an unsafe key file, or a key that cannot decrypt
-        this store.
+        Raises ConfigurationError for an invalid key, an unsafe key file, a key that cannot decrypt
+        this store, or a read-only directory.
         """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        datadir.prepare(self.path.parent)
         if key is not None:
             raw = decode_key(key)
             self._key_source = "LEADWRITER_SECRET_KEY"
@@ -161,10 +162,9 @@ class EmbeddedSecretStore:
         return f"EmbeddedSecretStore({str(self.path)!r})"
 
     def _connect(self) -> sqlite3.Connection:
-        if not self.path.exists():
-            # SQLite would create the file with the umask's mode; the -wal and -shm files copy the
-            # database's mode, so creating it 0600 keeps all three private.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        # SQLite would create the file with the umask's mode; the -wal and -shm files copy the
+        # database's mode, so creating it 0600 keeps all three private.
+        datadir.private_file(self.path)
         conn = sqlite3.connect(
             self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
         )
@@ -195,7 +195,16 @@ class EmbeddedSecretStore:
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            yield self._conn
+            try:
+                yield self._conn
+            except (sqlite3.Error, OSError) as exc:
+                # A full disk (or a directory made read-only under us) is transient for the caller:
+                # 503 with Retry-After at the API. The statement was rolled back: nothing half-written.
+                problem = datadir.storage_problem(exc)
+                if problem is None:
+                    raise
+                logger.error("the secret store %s could not be written: the data dir is %s", self.path, problem)
+                raise datadir.unavailable(self.path.parent, problem) from None
 
     def _aad(self, name: str) -> bytes:
         return b"leadwriter-secret\x00" + name.lower().encode("utf-8")
@@ -237,7 +246,11 @@ class EmbeddedSecretStore:
         content_type: str = CONTENT_TYPE,
         tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Create or replace ``name``. Raises InvalidSecretName for a malformed name."""
+        """Create or replace ``name``, atomically.
+
+        Raises InvalidSecretName for a malformed name, DataDirUnavailable (a RetryLater) when the data
+        dir is full or read-only — and then nothing was stored.
+        """
         validate_secret_name(name)
         sealed = self._seal(name, value.encode("utf-8"))
         with self._locked() as conn:

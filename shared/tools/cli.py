@@ -38,6 +38,7 @@ from shared.ops.deadletters import (
     purge,
     replay,
 )
+from shared.pipeline.bounds import BoundsExceeded, check_json_text, check_size
 from shared.pipeline.messages import envelope
 from shared.settings import Settings
 from shared.transport.base import OutgoingMessage, Transport
@@ -78,8 +79,11 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run the three stage workers.")] = True,
 ) -> None:
     """Run the HTTP API and the three stage workers on the configured backends until SIGINT/SIGTERM."""
+    from shared.datadir import prepare as prepare_data_dir
+    from shared.ops.logfilter import install as install_log_rate_limit
     from shared.ops.telemetry import configure_telemetry
     from shared.services import Services
+    from shared.tools.httpserver import connection_cap, raise_fd_limit, server_config
 
     settings = _settings()
     _configure_logging(settings)
@@ -88,7 +92,18 @@ def serve(
     except ConfigurationError as exc:
         console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
-    services = Services.from_settings(settings)
+    # After telemetry, so its handlers are rate-limited too: a line that can repeat thousands of times
+    # a second (an accept error, a refused connection) must not fill the disk.
+    install_log_rate_limit()
+    # Before anything opens a file: the API's connection cap is computed from what is allowed.
+    fd_limit = raise_fd_limit()
+    try:
+        # A read-only data dir stops serve here, naming it, rather than failing every lead later.
+        prepare_data_dir(settings.data_dir)
+        services = Services.from_settings(settings)
+    except ConfigurationError as exc:
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     runtime = None
     job_worker = None
     if workers:
@@ -114,14 +129,14 @@ def serve(
 
             console.print(f"[green]API on http://{settings.http_host}:{settings.http_port}/api[/green]")
             # Returns after finishing the requests in flight, on SIGINT/SIGTERM.
-            uvicorn.run(
-                create_app(services),
-                host=settings.http_host,
-                port=settings.http_port,
-                log_level="warning",
-                # uvicorn's access log carries the query string, and with it an ingest ?key=.
-                access_log=False,
-            )
+            uvicorn.Server(
+                server_config(
+                    create_app(services),
+                    host=settings.http_host,
+                    port=settings.http_port,
+                    max_connections=connection_cap(fd_limit, settings.worker_concurrency),
+                )
+            ).run()
         else:
             stop.wait()
     finally:
@@ -139,10 +154,25 @@ def _enqueue_lines(stream: TextIO) -> Iterator[tuple[int, OutgoingMessage | str]
         text = line.strip()
         if not text:
             continue
+        # The bounds every door applies (shared.pipeline.bounds), checked before parsing: the parser
+        # recurses once per level, and a line past them could never be shown as a dead letter.
+        try:
+            check_size(len(text.encode("utf-8", "surrogatepass")))
+            check_json_text(text)
+        except BoundsExceeded as exc:
+            yield number, str(exc)
+            continue
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, f"not JSON ({exc.msg} at column {exc.colno})"
+            continue
+        except RecursionError:
+            yield number, "not JSON (nested too deeply)"
+            continue
+        except ValueError as exc:
+            # e.g. an integer of more digits than Python converts (4300): refused, not a traceback.
+            yield number, f"not JSON ({exc})"
             continue
         if not isinstance(data, dict):
             yield number, f"not a JSON object (a {type(data).__name__})"
@@ -229,15 +259,20 @@ def _is_single_object(path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     try:
+        check_json_text(first)
         json.loads(first)
         return False
     except json.JSONDecodeError:
         pass
+    except (BoundsExceeded, ValueError, RecursionError):
+        return False  # a complete line past the bounds: JSON lines, each line judged on its own
     try:
         if path.stat().st_size > MAX_SINGLE_OBJECT:
             return False
-        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        text = path.read_text(encoding="utf-8")
+        check_json_text(text)
+        return isinstance(json.loads(text), dict)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
 
 

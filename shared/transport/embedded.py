@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared import datadir
 from shared.errors import BrokerClosed, DeadLetterReason
 from shared.names import PROP_PUBLISHER_ID
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
@@ -216,6 +217,10 @@ class EmbeddedBroker:
         if max_delivery_count < 1:
             raise ValueError("max_delivery_count must be at least 1")
         self.path = Path(path)
+        # The broker holds leads (names, e-mail addresses): a private directory, a 0600 file (its -wal
+        # and -shm files copy the mode), and a read-only directory refused here rather than per lead.
+        datadir.prepare(self.path.parent)
+        datadir.private_file(self.path)
         self._default = QueueConfig(lock_duration, max_delivery_count)
         self._duplicate_window = duplicate_window
         self._clock = clock

@@ -14,8 +14,9 @@ from shared.api.routes_publishers import PublisherCounter
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
 from shared.pipeline.lead import parse_incoming
 from shared.runtime.embedded import wait_until
-from shared.transport.base import OutgoingMessage, Transport
+from shared.transport.base import Transport
 from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack
+from tests.fixtures.deadletters import dead_letter
 
 
 @pytest.fixture
@@ -28,23 +29,6 @@ def _queued(transport: Transport, queue: str = QUEUE_INCOMING) -> list[Any]:
     return transport.receive(queue, max_messages=100)
 
 
-def dead_letter(transport: Transport, queue: str, publisher: str, reason: str, count: int, tag: str = "") -> list[str]:
-    """Put ``count`` dead letters of ``publisher`` on ``queue`` with ``reason``; their message ids."""
-    ids = [f"{publisher}-{reason}-{queue}-{tag}{n}" for n in range(count)]
-    transport.send(
-        queue,
-        [
-            OutgoingMessage(
-                body=json.dumps({"leadId": mid, "publisherId": publisher, "lead": dict(MARKETPLACE_LEAD)}).encode(),
-                message_id=mid,
-                application_properties={"publisherId": publisher, "leadId": mid, "attempt": 1},
-            )
-            for mid in ids
-        ],
-    )
-    for message in transport.receive(queue, max_messages=count):
-        transport.dead_letter(message, reason, f"{reason} for the test")
-    return ids
 
 
 # -- ingest ------------------------------------------------------------------------------------------

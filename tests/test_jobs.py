@@ -17,7 +17,7 @@ from shared.runtime.embedded import wait_until
 from shared.runtime.functions import FunctionsRuntime
 from shared.transport.base import Transport
 from tests.fixtures.api import ApiStack, api_stack
-from tests.test_api_ops import dead_letter
+from tests.fixtures.deadletters import dead_letter
 
 
 @pytest.fixture

@@ -13,30 +13,12 @@ import pytest
 
 from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator
-from tests.fixtures.harness import FAST_ENV, Harness, lead_message, running
+from tests.fixtures.harness import lead_message, running, worker_env
 
 #: Every test here runs on the embedded workers and on the registered Functions triggers.
 pytestmark = pytest.mark.usefixtures("runtime")
 
 
-def _worker_env(harness: Harness) -> dict[str, str]:
-    settings = harness.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEADWRITER_", "AZURE_", "REQUESTS_CA"))}
-    env.update(FAST_ENV)
-    env.update(
-        {
-            "LEADWRITER_DATA_DIR": str(settings.data_dir),
-            "LEADWRITER_CRM_ALLOWED_HOSTS": ",".join(settings.crm_allowed_hosts),
-            "AZURE_AUTHORITY_HOST": settings.authority_host,
-            "REQUESTS_CA_BUNDLE": str(settings.ca_bundle),
-            # A killed worker's locks lapse quickly, so its messages come back within the test.
-            "LEADWRITER_LOCK_DURATION": "1",
-            "LEADWRITER_MAX_DELIVERY_COUNT": "50",
-            "LEADWRITER_WORKER_CONCURRENCY": "8",
-            "LEADWRITER_RUNTIME": settings.runtime,
-        }
-    )
-    return env
 
 
 @pytest.fixture
@@ -57,7 +39,7 @@ def test_killing_a_worker_mid_flight_loses_nothing_and_writes_nothing_twice(
         simulator.faults(publisher).latency = 0.02  # work is in flight when the kill lands
         total = 300
         h.send([lead_message(publisher, n) for n in range(total)])
-        env = _worker_env(h)
+        env = worker_env(h)
 
         def start() -> subprocess.Popen[bytes]:
             process = subprocess.Popen(
@@ -166,7 +148,7 @@ def test_two_serve_processes_on_one_data_dir_agree_on_status_and_penalties_and_w
         simulator.faults(throttled).throttle_next(1, retry_after=2)
         total = 120
         h.send([lead_message(p, n) for n in range(total) for p in (calm, throttled)])
-        env = _worker_env(h)
+        env = worker_env(h)
         for _ in range(2):
             worker_processes.append(
                 subprocess.Popen(

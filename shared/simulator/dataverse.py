@@ -165,7 +165,11 @@ class DataverseApp:
                 )
             headers = {name.lower(): str(value) for name, value in request.headers.items()}
             call = Call(request.method, relative, request.query, headers, request.body)
-            return self._route(call, principal)
+            answer = self._route(call, principal)
+            if fault is not None and fault.kind == "reset_after":
+                # Carried out, never answered: the client must find out by retrying (idempotently).
+                return Response(0, reset=True)
+            return answer
         finally:
             org.limits.done(principal.key, time.monotonic() - arrived)
 

@@ -6,12 +6,13 @@ request fail and the one after it be throttled. Token-endpoint faults have their
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-FaultKind = Literal["fail", "hang", "reset", "throttle", "redirect"]
+FaultKind = Literal["fail", "hang", "reset", "reset_after", "throttle", "redirect"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Faults:
         self._latency = 0.0
         self._queue: deque[Fault] = deque()
         self._token: deque[int] = deque()
+        #: Chaos: (cumulative probability, fault) per kind, drawn for every request no queued fault takes.
+        self._chaos: list[tuple[float, Fault]] = []
+        self._random = random.Random()
 
     @property
     def latency(self) -> float:
@@ -80,6 +84,44 @@ class Faults:
             raise ValueError("retry_after must be positive")
         self._add(n, Fault("throttle", seconds=float(retry_after)))
 
+    def chaos(
+        self,
+        *,
+        fail: float = 0.0,
+        throttle: float = 0.0,
+        hang: float = 0.0,
+        reset_after: float = 0.0,
+        hang_seconds: float = 5.0,
+        retry_after: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        """From now on each CRM request draws its fault: ``fail`` (503), ``throttle`` (429 with
+        ``retry_after``), ``hang`` (stall ``hang_seconds``, then carry on) or ``reset_after`` (the request
+        is carried out, then the connection is reset: the client never hears it succeeded), each with
+        its probability; :meth:`calm` (or :meth:`clear`) ends it. Raises ValueError when they add up
+        to more than 1."""
+        kinds = [
+            (fail, Fault("fail", status=503)),
+            (throttle, Fault("throttle", seconds=float(retry_after))),
+            (hang, Fault("hang", seconds=float(hang_seconds))),
+            (reset_after, Fault("reset_after")),
+        ]
+        if any(p < 0 for p, _ in kinds) or sum(p for p, _ in kinds) > 1:
+            raise ValueError("chaos probabilities must be non-negative and add up to at most 1")
+        table, total = [], 0.0
+        for probability, fault in kinds:
+            if probability > 0:
+                total += probability
+                table.append((total, fault))
+        with self._lock:
+            self._chaos = table
+            self._random = random.Random(seed)
+
+    def calm(self) -> None:
+        """End :meth:`chaos` (queued faults stay)."""
+        with self._lock:
+            self._chaos = []
+
     def redirect_next(self, n: int, location: str) -> None:
         """Answer the next ``n`` CRM requests ``302 Found`` with ``Location: location``."""
         self._add(n, Fault("redirect", location=location))
@@ -99,6 +141,7 @@ class Faults:
             self._latency = 0.0
             self._queue.clear()
             self._token.clear()
+            self._chaos = []
 
     def take(self, *, authenticated: bool = True) -> Fault | None:
         """The fault for the request that just arrived, if any (consumes it).
@@ -106,9 +149,14 @@ class Faults:
         A throttle needs a user to penalise, so an unauthenticated request leaves it queued.
         """
         with self._lock:
-            if not self._queue or (not authenticated and self._queue[0].kind == "throttle"):
-                return None
-            return self._queue.popleft()
+            if self._queue and (authenticated or self._queue[0].kind != "throttle"):
+                return self._queue.popleft()
+            if self._chaos and authenticated:
+                draw = self._random.random()
+                for limit, fault in self._chaos:
+                    if draw < limit:
+                        return fault
+            return None
 
     def take_token_failure(self) -> int | None:
         """The status the token request that just arrived must fail with, if any (consumes it)."""

@@ -1,0 +1,80 @@
+"""A bad day, end to end: the CRM answering 25 % 503, 15 % 429, 5 % hangs and 5 % connection resets
+after the write, while ``leadwriter serve`` is SIGKILLed six times during 2,000 leads. It must end with
+every lead in the CRM exactly once and nothing left pending or dead-lettered."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.runtime.embedded import wait_until
+from shared.simulator import CrmSimulator
+from tests.fixtures.harness import lead_message, running, worker_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("runtime")]
+
+LEADS = 2000
+KILLS = 6
+
+
+@pytest.fixture
+def serve_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_faults_and_six_kills_during_two_thousand_leads_end_with_every_lead_once_and_nothing_pending(
+    simulator: CrmSimulator, tmp_path: Path, serve_processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # The schedule outlasts the chaos (about 40 s of retries), so no lead runs out of attempts while the
+    # CRM misbehaves; the hangs are longer than the read timeout, so the client gives up on them.
+    env_overrides = {"LEADWRITER_RETRY_SCHEDULE": "0.5,1,2,4,8,8,8,8,8", "LEADWRITER_CRM_READ_TIMEOUT": "1.5"}
+    with running(simulator, tmp_path, **env_overrides) as h:
+        publishers = [h.publisher() for _ in range(4)]
+        for publisher in publishers:
+            simulator.faults(publisher).chaos(
+                fail=0.25, throttle=0.15, hang=0.05, reset_after=0.05, hang_seconds=2.0, retry_after=1.0, seed=7
+            )
+        h.send([lead_message(publishers[n % 4], n) for n in range(LEADS)])
+        env = {**worker_env(h), **env_overrides}
+
+        def start() -> subprocess.Popen[bytes]:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "shared.tools.cli", "serve", "--no-api"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            serve_processes.append(process)
+            return process
+
+        def written() -> int:
+            return sum(len(h.written(p)) for p in publishers)
+
+        for kill in range(KILLS):
+            process = start()
+            # Kill once it has made progress, at a different point each time.
+            target = min(LEADS - 1, written() + 40 + 25 * kill)
+            assert wait_until(lambda t=target: written() >= t, 120), "serve made no progress under the faults"
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(10) == -signal.SIGKILL
+        for publisher in publishers:
+            simulator.faults(publisher).calm()
+        process = start()
+        h.wait_for(lambda: written() == LEADS and h.pending() == 0, timeout=240)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+        for publisher in publishers:
+            ids = [record["leadid"] for record in h.written(publisher)]
+            assert len(ids) == len(set(ids)) == LEADS // 4, "every lead exactly once"
+        assert h.dead_letters() == []

@@ -178,3 +178,4 @@ def test_two_serve_processes_on_one_data_dir_agree_on_status_and_penalties_and_w
         assert log.during_penalty <= 2, "neither process sent into the other's penalty once it was recorded"
         assert log.throttled == 1 + log.during_penalty
         assert h.dead_letters() == []
+

@@ -50,6 +50,11 @@ RENEW_MARGIN = 20.0
 
 #: A publisher with no finished work for this long while at its cap counts as stuck.
 STUCK_AFTER = 2.0
+#: Seconds of settlements that give a publisher's pace (how fast its backlog drains).
+PACE_WINDOW = 10.0
+#: A busy publisher's overflow is put off at least this long, and at most this long.
+MIN_OVERFLOW_DELAY = 1.0
+MAX_OVERFLOW_DELAY = 60.0
 #: A held publisher is dispatched this much before its wait ends: the pacer's short wait
 #: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
 HOLD_EARLY = 0.03
@@ -62,6 +67,18 @@ class _PublisherState:
     last_progress: float = field(default_factory=time.monotonic)
     #: Not dispatched before this (monotonic): the pacer or a penalty said "not yet".
     not_before: float = 0.0
+    #: The last work that reached the CRM failed transiently (5xx, timeout, reset): the CRM is failing,
+    #: not merely slow or paced.
+    failing: bool = False
+    #: When recent messages were settled (for the pace at which its backlog drains).
+    finished: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+
+    def drain_time(self, now: float) -> float:
+        """Seconds the backlog and the work in flight need at the pace of the last few seconds."""
+        recent = [t for t in self.finished if t > now - PACE_WINDOW]
+        pace = len(recent) / PACE_WINDOW
+        waiting = len(self.backlog) + self.in_flight
+        return waiting / pace if pace > 0 else STUCK_AFTER
 
 
 class StageWorker:
@@ -145,7 +162,7 @@ class StageWorker:
                     self._lock.wait(0.02)
             return
         now = time.monotonic()
-        deferred: list[tuple[ReceivedMessage, float | None]] = []
+        deferred: list[tuple[ReceivedMessage, Retry]] = []
         with self._lock:
             for message in messages:
                 publisher = str(message.application_properties.get(PROP_PUBLISHER_ID, ""))
@@ -154,18 +171,29 @@ class StageWorker:
                 held_for = state.not_before - now
                 stuck = now - state.last_progress > STUCK_AFTER or held_for > STUCK_AFTER
                 if len(state.backlog) + state.in_flight >= self.publisher_capacity and stuck:
-                    # Its CRM hangs, fails or penalises us: holding more of its messages would crowd
-                    # out others. A held publisher's overflow comes back when its hold ends (one
-                    # reschedule per message), not every few seconds of the backoff schedule.
-                    deferred.append((message, held_for if held_for > STUCK_AFTER else None))
+                    # Holding more of its messages would crowd out others, so the overflow is put off.
+                    deferred.append((message, self._overflow(state, held_for, now)))
                     continue
                 state.backlog.append((message, now))
                 self._held += 1
-        for message, retry_after in deferred:
-            # Held by a penalty or pacing: put off until the wait ends, no attempt spent. A CRM that
-            # hangs or fails is another matter: that overflow follows the retry schedule.
-            outcome = Retry("publisher backlog full: deferred", retry_after, not_sent=retry_after is not None)
+        for message, outcome in deferred:
             self._run_outcome(message, outcome, now)
+
+    @staticmethod
+    def _overflow(state: _PublisherState, held_for: float, now: float) -> Retry:
+        """What becomes of a message its publisher has no room for.
+
+        Held by a penalty: put off until the hold ends (no attempt spent). A CRM that fails or hangs:
+        the retry schedule. A CRM that is healthy but busy (a slow $batch, pacing): back-pressure, not
+        a failure — put off, spending no attempt, for about as long as the backlog takes to drain, so
+        the CRM is kept busy at its pace instead of idling until a backoff step comes round.
+        """
+        if held_for > STUCK_AFTER:
+            return Retry("publisher backlog full: deferred", held_for, not_sent=True)
+        if state.failing:
+            return Retry("publisher backlog full: its CRM is failing", None)
+        delay = min(max(state.drain_time(now), MIN_OVERFLOW_DELAY), MAX_OVERFLOW_DELAY)
+        return Retry("publisher backlog full: deferred", delay, not_sent=True)
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -200,12 +228,17 @@ class StageWorker:
                 outcomes: list[Outcome] = [self.pipeline.handle(self.stage, messages[0])]
             else:
                 outcomes = self.pipeline.write_leads(messages)
+            failed = reached = 0
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Retry) and outcome.not_sent:
                     held.append(item)
                     hold_for = max(hold_for, outcome.retry_after or 0.0)
                 else:
+                    reached += 1
+                    failed += isinstance(outcome, Retry)
                     self._run_outcome(item[0], outcome, item[1])
+            if reached:
+                state.failing = failed == reached
         finally:
             with self._lock:
                 now = time.monotonic()
@@ -220,6 +253,7 @@ class StageWorker:
                     state.not_before = max(state.not_before, now + max(0.0, hold_for - HOLD_EARLY))
                 if len(held) < len(batch):
                     state.last_progress = now
+                    state.finished.extend([now] * (len(batch) - len(held)))
                 self._lock.notify_all()
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:

@@ -18,6 +18,7 @@ from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
 from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.ops.jobs import Jobs
+from shared.ops.journey import JourneyBook
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
 from shared.pipeline.identity import SeenIds, StateSeenIds
@@ -51,6 +52,8 @@ class Services:
     seen_ids: SeenIds
     #: Sweep jobs (replay, purge of many dead letters) over the state store and the jobs queue.
     jobs: Jobs
+    #: Every settlement of every lead, on the state store (shared.ops.journey); fed by :meth:`observe`.
+    journeys: JourneyBook
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -79,6 +82,7 @@ class Services:
             status=StatusBook(state),
             state=state,
             jobs=Jobs(state, transport),
+            journeys=JourneyBook(state),
         )
 
     @property
@@ -88,8 +92,9 @@ class Services:
 
 
     def observe(self, settled: Settled) -> None:
-        """The settlement observer of every runtime: the status book and the metrics. Raises nothing."""
-        fan_out(self.status.observe, self.metrics.observe)(settled)
+        """The settlement observer of every runtime: the status book, the metrics and the journeys.
+        Raises nothing."""
+        fan_out(self.status.observe, self.metrics.observe, self.journeys.observe)(settled)
 
     def embedded_runtime(
         self, *, concurrency: int | None = None, publisher_concurrency: int | None = None
@@ -117,6 +122,7 @@ class Services:
 
     def close(self) -> None:
         self.status.close()
+        self.journeys.close()
         self.transport.close()
         self.state.close()
 

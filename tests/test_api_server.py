@@ -139,6 +139,7 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/stats": {"get"},
         "/api/whoami": {"get"},
         "/api/jobs/{jobId}": {"get"},
+        "/api/leads/{leadId}": {"get"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected
     schemas = answer.json()["components"]["schemas"]

@@ -542,3 +542,50 @@ class StatsAnswer(ApiModel):
     publishers_failing: list[FailingPublisher] = Field(
         description="Publishers whose leads keep failing for a reason they fix: credentials, solution or role."
     )
+
+
+class JourneyEventAnswer(ApiModel):
+    """One settlement of a lead: which stage handled it, and what came of it."""
+
+    at: str = Field(description="When it was settled (ISO 8601, UTC).")
+    stage: str = Field(description="`validate_credentials`, `check_solution` or `write_lead`.")
+    action: str = Field(description="`forwarded`, `delivered`, `rescheduled` (a retry later) or `dead-lettered`.")
+    attempt: int = Field(description="The delivery attempt, from 1.")
+    replay_count: int = Field(default=0, description="How often the lead was replayed or resent before.")
+    deferrals: int = Field(default=0, description="How often it waited without reaching the CRM (a penalty).")
+    reason: str | None = Field(default=None, description="The dead-letter reason, e.g. `LeadRejected`.")
+    description: str | None = Field(default=None, description="The error in words, for a retry or a dead letter.")
+    message_id: str | None = Field(default=None, description="The message that was settled.")
+    record_id: str | None = Field(default=None, description="The Dataverse lead record id, once written.")
+    created: bool | None = Field(default=None, description="True when this write created the CRM record.")
+    delay: float | None = Field(default=None, description="Seconds a rescheduled copy waits.")
+
+
+class LeadJourneyAnswer(ApiModel):
+    """Everything that happened to one lead, oldest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "publisherId": "contoso",
+                    "leadId": "a1b2c3",
+                    "state": "delivered",
+                    "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f",
+                    "events": [
+                        {"at": "2026-01-05T10:00:00.120Z", "stage": "validate_credentials", "action": "forwarded",
+                         "attempt": 1, "replayCount": 0, "deferrals": 0},
+                        {"at": "2026-01-05T10:00:00.480Z", "stage": "write_lead", "action": "delivered",
+                         "attempt": 1, "replayCount": 0, "deferrals": 0,
+                         "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f", "created": True},
+                    ],
+                }
+            ]
+        }
+    )
+
+    publisher_id: str = Field(description="The lead's publisher.")
+    lead_id: str = Field(description="The marketplace lead id.")
+    state: str = Field(description="Where it is now: `delivered`, `dead-lettered`, `waiting` (a retry) or `in-flight`.")
+    record_id: str | None = Field(default=None, description="The Dataverse lead record id, once written.")
+    events: list[JourneyEventAnswer] = Field(description="Every settlement, oldest first.")

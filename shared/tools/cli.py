@@ -690,6 +690,74 @@ def stats(
         out.print("no publisher is failing on configuration")
 
 
+def _state_source(settings: Settings, what: str) -> str:
+    """The state store a command reads, for the line that names it."""
+    if settings.state_backend == "tables":
+        return f"{what} in Table Storage {settings.tables_url or '(connection string)'}"
+    return f"{what} {(settings.data_dir / STATE_FILE).resolve()}"
+
+
+@app.command()
+def trace(
+    lead_id: Annotated[str, typer.Argument(help="The marketplace lead id.", show_default=False)],
+    publisher: Annotated[
+        str | None, typer.Option("--publisher", help="The lead's publisher (without it: every publisher, a scan).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per publisher, shaped like GET /api/leads/{leadId}.")
+    ] = False,
+) -> None:
+    """What happened to a lead: every settlement (stage, outcome, reason, attempt, time, CRM record id).
+    Exit 1 when no settlement of it is recorded."""
+    from shared.ops.journey import JourneyBook
+    from shared.state import make_state_store
+
+    settings = _settings()
+    console.print(
+        f"[dim]reading {escape(_state_source(settings, 'lead journeys'))}[/dim]", highlight=False, soft_wrap=False
+    )
+    state = make_state_store(settings)
+    book = JourneyBook(state)
+    try:
+        journeys = [book.get(publisher, lead_id)] if publisher else book.find(lead_id)
+    except ValueError as exc:  # an id the state store refuses as a key (InvalidStateKey)
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    finally:
+        book.close()
+        state.close()
+    journeys = [journey for journey in journeys if journey.events]
+    if as_json:
+        for journey in journeys:
+            _emit_json(journey.to_json())
+    for journey in [] if as_json else journeys:
+        state_style = {"delivered": "green", "dead-lettered": ALERT}.get(journey.state, "yellow")
+        title = Text.assemble(
+            f"lead {journey.lead_id} of {journey.publisher_id}: ",
+            (journey.state, state_style),
+            f"  (CRM record {journey.record_id})" if journey.record_id else "",
+        )
+        table = Table(title=title, **_TABLE)
+        for column in ("at (UTC)", "stage", "outcome", "attempt", "reason / record"):
+            table.add_column(column, justify="right" if column == "attempt" else "left", overflow="fold")
+        for event in journey.events:
+            outcome = Text(event.action, style=ALERT if event.action == "dead-lettered" else "")
+            detail = event.reason or ""
+            if event.record_id:
+                detail = f"record {event.record_id}" + (" (created)" if event.created else " (already there)")
+            elif event.description:
+                detail = f"{detail}: {event.description}" if detail else event.description
+            if event.delay is not None:
+                detail = f"{detail} (again in {event.delay:g} s)".strip()
+            attempt = str(event.attempt) + (f" r{event.replay_count}" if event.replay_count else "")
+            table.add_row(event.at.replace("T", " ")[:23], event.stage, outcome, attempt, detail[:300] or "-")
+        out.print(table)
+    if not journeys:
+        where = f" of publisher {publisher}" if publisher else ""
+        console.print(f"[yellow]no settlement of lead {escape(lead_id)}{escape(where)} is recorded[/yellow]")
+        raise typer.Exit(1)
+
+
 @app.command("crm-simulator")
 def crm_simulator(
     config: Annotated[Path | None, typer.Option(help="JSON file of orgs, users and apps.")] = None,

@@ -140,6 +140,10 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/whoami": {"get"},
         "/api/jobs/{jobId}": {"get"},
         "/api/leads/{leadId}": {"get"},
+        "/api/deadletters/archive": {"post"},
+        "/api/deadletters/archived": {"get"},
+        "/api/deadletters/archived/restore": {"post"},
+        "/api/deadletters/{messageId}/resend": {"post"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected
     schemas = answer.json()["components"]["schemas"]

@@ -573,11 +573,24 @@ class LeadJourneyAnswer(ApiModel):
                     "state": "delivered",
                     "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f",
                     "events": [
-                        {"at": "2026-01-05T10:00:00.120Z", "stage": "validate_credentials", "action": "forwarded",
-                         "attempt": 1, "replayCount": 0, "deferrals": 0},
-                        {"at": "2026-01-05T10:00:00.480Z", "stage": "write_lead", "action": "delivered",
-                         "attempt": 1, "replayCount": 0, "deferrals": 0,
-                         "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f", "created": True},
+                        {
+                            "at": "2026-01-05T10:00:00.120Z",
+                            "stage": "validate_credentials",
+                            "action": "forwarded",
+                            "attempt": 1,
+                            "replayCount": 0,
+                            "deferrals": 0,
+                        },
+                        {
+                            "at": "2026-01-05T10:00:00.480Z",
+                            "stage": "write_lead",
+                            "action": "delivered",
+                            "attempt": 1,
+                            "replayCount": 0,
+                            "deferrals": 0,
+                            "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f",
+                            "created": True,
+                        },
                     ],
                 }
             ]
@@ -589,3 +602,130 @@ class LeadJourneyAnswer(ApiModel):
     state: str = Field(description="Where it is now: `delivered`, `dead-lettered`, `waiting` (a retry) or `in-flight`.")
     record_id: str | None = Field(default=None, description="The Dataverse lead record id, once written.")
     events: list[JourneyEventAnswer] = Field(description="Every settlement, oldest first.")
+
+
+class ArchiveBody(DeadLetterSelection):
+    """Which dead letters to archive: taken out of the dead-letter queue, kept restorable for 30 days."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"reason": "InvalidLead", "publisherId": "contoso", "dryRun": True}]}
+    )
+
+    dry_run: bool = Field(default=False, description="Only show what would be archived; change nothing.")
+
+
+class ArchiveAnswer(ApiModel):
+    """What an archive did, or with `dryRun`, what it would do."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"matched": 2, "archived": 2, "refused": 0, "errors": [], "refusals": [], "dryRun": False},
+                {
+                    "matched": 1,
+                    "archived": 0,
+                    "refused": 0,
+                    "errors": [],
+                    "refusals": [],
+                    "dryRun": True,
+                    "messageIds": ["6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"],
+                },
+            ]
+        }
+    )
+
+    matched: int = Field(description="Dead letters the selection matched.")
+    archived: int = Field(description="Archived and removed from the dead-letter queue (0 in a dry run).")
+    refused: int = Field(default=0, description="Too large to archive (over 64 KiB); they stay dead-lettered.")
+    errors: list[str] = Field(default=[], description="Dead letters that could not be archived now; they stay.")
+    refusals: list[str] = Field(default=[], description="Why each refused one was refused.")
+    dry_run: bool = Field(default=False, description="True when nothing changed.")
+    message_ids: list[str] | None = Field(default=None, description="Dry run only: the dead letters that match.")
+
+
+class ArchivedAnswer(ApiModel):
+    """Archived dead letters, newest archived first: the dead letter's fields plus `archivedAt` and
+    `expiresAt` (after which it can no longer be restored)."""
+
+    items: list[dict[str, Any]] = Field(description="Each archived dead letter, with its body.")
+
+
+class RestoreBody(DeadLetterSelection):
+    """Which archived dead letters to send back to the stage queue they died on. Name at least one filter."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"messageIds": ["6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"], "dryRun": True}]}
+    )
+
+    dry_run: bool = Field(default=False, description="Only show what would be sent where; send nothing.")
+
+
+class RestoreAnswer(ApiModel):
+    """What a restore did, or with `dryRun`, what it would do."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"matched": 1, "restored": 1, "errors": [], "dryRun": False}]}
+    )
+
+    matched: int = Field(description="Archived dead letters the selection matched.")
+    restored: int = Field(description="Sent back to their queue and taken out of the archive (0 in a dry run).")
+    errors: list[str] = Field(default=[], description="Entries that could not be restored now; they stay archived.")
+    dry_run: bool = Field(default=False, description="True when nothing was sent.")
+    plan: list[dict[str, Any]] | None = Field(
+        default=None, description="Dry run only: each entry's `messageId`, `queue` and the `newMessageId` of its copy."
+    )
+
+
+class ResendBody(ApiModel):
+    """The corrected lead message. `leadId` and `publisherId` may be left out (the dead letter's are kept);
+    if given they must be the dead letter's."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "body": {
+                        "leadId": "mkt-000123",
+                        "publisherId": "contoso",
+                        "lead": {
+                            "UserDetails": {"FirstName": "Ada", "LastName": "Lovelace", "Email": "ada@example.com"}
+                        },
+                    }
+                }
+            ]
+        }
+    )
+
+    body: dict[str, Any] = Field(description="The corrected message, in the shape of the dead letter's body.")
+    dry_run: bool = Field(default=False, description="Only validate the body and show what would be sent.")
+
+
+class ResendAnswer(ApiModel):
+    """What the resend did."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "messageId": "mkt-000123",
+                    "queue": "leads-incoming",
+                    "newMessageId": "mkt-000123.r1",
+                    "leadId": "mkt-000123",
+                    "publisherId": "contoso",
+                    "sent": True,
+                    "completed": True,
+                    "dryRun": False,
+                }
+            ]
+        }
+    )
+
+    message_id: str = Field(description="The dead letter that was corrected.")
+    queue: str = Field(description="The stage queue the corrected copy went to (the one it died on).")
+    new_message_id: str = Field(description="The corrected copy's message id.")
+    lead_id: str = Field(description="The lead id (unchanged).")
+    publisher_id: str = Field(description="The publisher (unchanged).")
+    sent: bool = Field(description="The corrected copy was sent.")
+    completed: bool = Field(description="The dead letter was removed (only ever after the copy was sent).")
+    dry_run: bool = Field(default=False, description="True when only validated.")
+    error: str | None = Field(default=None, description="What went wrong after sending, if anything.")

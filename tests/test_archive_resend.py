@@ -5,6 +5,9 @@ must be injected."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +19,9 @@ from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, TABLE_DEA
 from shared.ops.archive import DeadLetterArchive, resend
 from shared.ops.deadletters import DeadLetterFilter
 from shared.pipeline.lead import LeadMessage, parse_incoming
+from shared.settings import Settings
 from shared.state.base import StateUnavailable
+from shared.transport import make_transport
 from shared.transport.base import OutgoingMessage, Transport
 from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack
 
@@ -326,3 +331,89 @@ def test_when_the_corrected_copy_cannot_be_sent_the_dead_letter_stays(stack: Api
     with pytest.raises(ConnectionError):
         resend(FailingSends(transport), "inv-1", CORRECTED)  # type: ignore[arg-type]
     assert dead_ids(transport, QUEUE_INCOMING) == {"inv-1"}
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).with_name("leadwriter")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "shared.tools.cli"]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("LEADWRITER_", "APPLICATIONINSIGHTS_", "ServiceBusConnection"))
+    }
+    env.update(LEADWRITER_DATA_DIR=str(tmp_path / "cli-data"), COLUMNS="120", NO_COLOR="1", PYTHONIOENCODING="utf-8")
+    return env
+
+
+@pytest.fixture
+def cli_transport(cli_env: dict[str, str]) -> Iterator[Transport]:
+    transport = make_transport(Settings.from_env(cli_env))
+    try:
+        yield transport
+    finally:
+        transport.close()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "deadletters", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_cli_archives_lists_and_restores_a_dead_letter(cli_env: dict[str, str], cli_transport: Transport) -> None:
+    put_dead_letter(cli_transport, QUEUE_READY, "cli-1", "RetriesExhausted")
+    put_dead_letter(cli_transport, QUEUE_READY, "cli-2", "LeadRejected")
+    dry = run_cli(cli_env, "archive", "--reason", "RetriesExhausted", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["messageIds"] == ["cli-1"]
+    assert dead_ids(cli_transport, QUEUE_READY) == {"cli-1", "cli-2"}
+    done = run_cli(cli_env, "archive", "--reason", "RetriesExhausted")
+    assert done.returncode == 0, done.stderr
+    assert "archived 1" in done.stdout
+    assert "dead-letter archive" in done.stderr
+    assert dead_ids(cli_transport, QUEUE_READY) == {"cli-2"}
+    listed = run_cli(cli_env, "archived")
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-1" in listed.stdout
+    assert max(len(line) for line in listed.stdout.splitlines()) <= 120
+    assert run_cli(cli_env, "restore").returncode == 2
+    restored = run_cli(cli_env, "restore", "--message-id", "cli-1", "--json")
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["restored"] == 1
+    assert [m.message_id for m in queued(cli_transport, QUEUE_READY)] == ["cli-1.r1"]
+    assert "no archived dead letters match" in run_cli(cli_env, "archived").stdout
+
+
+def test_the_cli_resends_a_corrected_body_and_refuses_one_that_is_not_a_lead(
+    cli_env: dict[str, str], cli_transport: Transport, tmp_path: Path
+) -> None:
+    put_dead_letter(cli_transport, QUEUE_INCOMING, "inv-1", "InvalidLead", body=INVALID_BODY)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lead": {"UserDetails": {}}}), encoding="utf-8")
+    refused = run_cli(cli_env, "resend", "inv-1", "--body", str(bad))
+    assert refused.returncode == 1
+    assert "nothing sent" in refused.stderr
+    assert "field: lead" in refused.stderr
+    assert queued(cli_transport, QUEUE_INCOMING) == []
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(CORRECTED), encoding="utf-8")
+    sent = run_cli(cli_env, "resend", "inv-1", "--body", str(good))
+    assert sent.returncode == 0, sent.stderr
+    assert "resent inv-1" in sent.stdout
+    [copy] = queued(cli_transport, QUEUE_INCOMING)
+    assert json.loads(copy.body) == CORRECTED
+    assert dead_ids(cli_transport, QUEUE_INCOMING) == set()
+    assert run_cli(cli_env, "resend", "inv-1", "--body", str(good)).returncode == 2

@@ -43,7 +43,7 @@ from shared.settings import Settings
 from shared.transport.base import OutgoingMessage, Transport
 
 app = typer.Typer(help="Lead Writer: marketplace leads into Dynamics 365 / Dataverse.", no_args_is_help=True)
-deadletters_app = typer.Typer(help="See, replay, correct and resend, archive and restore, or purge dead letters.", no_args_is_help=True)
+deadletters_app = typer.Typer(help="See, replay, resend, archive, restore or purge dead letters.", no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
 
 # soft_wrap: an error line stays one line in logs and in what scripts capture, whatever the width.

@@ -212,7 +212,7 @@ class FailingSends:
 def test_a_dead_letter_whose_archive_write_fails_stays_dead_lettered(stack: ApiStack) -> None:
     transport = stack.services.transport
     put_dead_letter(transport, QUEUE_READY, "d-1", "RetriesExhausted")
-    result = DeadLetterArchive(FailingStore(stack.services.state)).archive(  # type: ignore[arg-type]
+    result = DeadLetterArchive(FailingStore(stack.services.state)).archive(
         transport, DeadLetterFilter.build(message_ids=["d-1"])
     )
     assert (result.matched, result.archived) == (1, 0)
@@ -225,7 +225,7 @@ def test_an_entry_whose_restore_send_fails_stays_archived(stack: ApiStack) -> No
     put_dead_letter(transport, QUEUE_READY, "e-1", "RetriesExhausted")
     archive = DeadLetterArchive(stack.services.state)
     archive.archive(transport, DeadLetterFilter.build(message_ids=["e-1"]))
-    result = archive.restore(FailingSends(transport), archive.list(message_ids=["e-1"]))  # type: ignore[arg-type]
+    result = archive.restore(FailingSends(transport), archive.list(message_ids=["e-1"]))
     assert (result.matched, result.restored) == (1, 0)
     assert [entry.message_id for entry in archive.list()] == ["e-1"]
 
@@ -329,7 +329,7 @@ def test_when_the_corrected_copy_cannot_be_sent_the_dead_letter_stays(stack: Api
     transport = stack.services.transport
     put_dead_letter(transport, QUEUE_INCOMING, "inv-1", "InvalidLead", body=INVALID_BODY)
     with pytest.raises(ConnectionError):
-        resend(FailingSends(transport), "inv-1", CORRECTED)  # type: ignore[arg-type]
+        resend(FailingSends(transport), "inv-1", CORRECTED)
     assert dead_ids(transport, QUEUE_INCOMING) == {"inv-1"}
 
 

@@ -118,7 +118,7 @@ def counting(store: EmbeddedStateStore) -> CountingStore:
 @pytest.fixture
 def book(counting: CountingStore) -> Iterator[JourneyBook]:
     # A flush interval far beyond the test: only the explicit flushes write.
-    journeys = JourneyBook(counting, flush_interval=3600)  # type: ignore[arg-type]
+    journeys = JourneyBook(counting, flush_interval=3600)
     try:
         yield journeys
     finally:
@@ -212,7 +212,7 @@ def test_events_are_kept_while_the_store_is_down_and_written_when_it_is_back(
 
 
 def test_closing_the_book_writes_what_is_buffered(counting: CountingStore, store: EmbeddedStateStore) -> None:
-    journeys = JourneyBook(counting, flush_interval=3600)  # type: ignore[arg-type]
+    journeys = JourneyBook(counting, flush_interval=3600)
     journeys.observe(forwarded("lead-4"))
     journeys.close()
     assert len(store.query(TABLE_LEAD_JOURNEYS)) == 1

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
+from shared.ops.alerts import AlertService
 from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.ops.jobs import Jobs
 from shared.ops.journey import JourneyBook
@@ -54,6 +55,8 @@ class Services:
     jobs: Jobs
     #: Every settlement of every lead, on the state store (shared.ops.journey); fed by :meth:`observe`.
     journeys: JourneyBook
+    #: Alert webhooks of publishers (shared.ops.alerts); fed by :meth:`observe`, delivering off the path.
+    alerts: AlertService
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -83,6 +86,9 @@ class Services:
             state=state,
             jobs=Jobs(state, transport),
             journeys=JourneyBook(state),
+            alerts=AlertService(
+                state, secrets, allowed_hosts=settings.webhook_allowed_hosts, ca_bundle=settings.ca_bundle
+            ),
         )
 
     @property
@@ -92,9 +98,9 @@ class Services:
 
 
     def observe(self, settled: Settled) -> None:
-        """The settlement observer of every runtime: the status book, the metrics and the journeys.
-        Raises nothing."""
-        fan_out(self.status.observe, self.metrics.observe, self.journeys.observe)(settled)
+        """The settlement observer of every runtime: the status book, the metrics, the journeys and the
+        alerts. Raises nothing."""
+        fan_out(self.status.observe, self.metrics.observe, self.journeys.observe, self.alerts.observe)(settled)
 
     def embedded_runtime(
         self, *, concurrency: int | None = None, publisher_concurrency: int | None = None
@@ -123,6 +129,7 @@ class Services:
     def close(self) -> None:
         self.status.close()
         self.journeys.close()
+        self.alerts.close()
         self.transport.close()
         self.state.close()
 

@@ -133,6 +133,7 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/publishers/{publisherId}/status": {"get"},
         "/api/publishers/{publisherId}/leads": {"post"},
         "/api/publishers/{publisherId}/mapping": {"get", "put"},
+        "/api/publishers/{publisherId}/alerts": {"get", "put", "delete"},
         "/api/deadletters": {"get"},
         "/api/deadletters/replay": {"post"},
         "/api/deadletters/purge": {"post"},

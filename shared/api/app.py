@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from shared.api import (
     routes_admin,
+    routes_alerts,
     routes_console,
     routes_leads,
     routes_mapping,
@@ -144,6 +145,7 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
 
     app.include_router(routes_publishers.router)
     app.include_router(routes_mapping.router)
+    app.include_router(routes_alerts.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_leads.router)
     app.include_router(routes_whoami.router)

@@ -729,3 +729,57 @@ class ResendAnswer(ApiModel):
     completed: bool = Field(description="The dead letter was removed (only ever after the copy was sent).")
     dry_run: bool = Field(default=False, description="True when only validated.")
     error: str | None = Field(default=None, description="What went wrong after sending, if anything.")
+
+
+class AlertsBody(ApiModel):
+    """Where to send this publisher's alert events, and which ones."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "webhookUrl": "https://hooks.contoso.com/leadwriter",
+                    "events": ["delivery.failing", "delivery.recovered"],
+                },
+                {"webhookUrl": "https://hooks.contoso.com/leadwriter", "rotateSecret": True},
+            ]
+        }
+    )
+
+    webhook_url: Annotated[str, StringConstraints(max_length=2048)] = Field(
+        description="An `https` URL on a public host (port 443). Redirects are not followed."
+    )
+    events: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None,
+        max_length=10,
+        description="Any of `delivery.failing`, `delivery.recovered`, `connection.verified`, `test`; default all.",
+    )
+    rotate_secret: bool = Field(default=False, description="Make a new signing secret (the old one stops working).")
+
+
+class AlertsAnswer(ApiModel):
+    """A publisher's alert settings. `secret` appears only when it was just made: keep it, it is not shown again."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "publisherId": "contoso",
+                    "webhookUrl": "https://hooks.contoso.com/leadwriter",
+                    "events": ["delivery.failing", "delivery.recovered", "connection.verified", "test"],
+                    "updatedAt": "2026-01-05T10:00:00Z",
+                    "secret": "whsec_3q2+7w…",
+                }
+            ]
+        }
+    )
+
+    publisher_id: str = Field(description="The publisher.")
+    webhook_url: str = Field(description="Where events are POSTed.")
+    events: list[str] = Field(description="The event types sent.")
+    updated_at: str = Field(description="When the settings were last stored (ISO 8601, UTC).")
+    secret: str | None = Field(
+        default=None,
+        description="The signing secret, only when just made. Each event carries `LeadWriter-Signature: "
+        't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` keyed by it.',
+    )

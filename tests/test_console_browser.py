@@ -439,8 +439,7 @@ def test_archive_previews_then_archives_and_restore_sends_the_lead_back_to_its_q
     assert lead_id in dead_letter_ids(stack), "the dry run moved nothing"
     page.click("#dialog-confirm")
 
-    page.wait_for_selector("#notice.ok")
-    assert "Archived 1 of 1" in page.locator("#notice").inner_text()
+    page.wait_for_selector('#notice.ok:has-text("Archived 1 of 1")')
     assert lead_id not in dead_letter_ids(stack)
     archived = page.locator(f'#panel-archive .letter[data-message-id="{lead_id}"]')
     assert "RetriesExhausted" in archived.inner_text()
@@ -451,8 +450,8 @@ def test_archive_previews_then_archives_and_restore_sends_the_lead_back_to_its_q
     assert stack.services.transport.receive(QUEUE_READY, max_messages=10) == [], "the dry run sent nothing"
     page.click("#dialog-confirm")
 
-    page.wait_for_selector("#notice.ok")
-    assert "Restored 1 of 1" in page.locator("#notice").inner_text()
+    # Wait for this notice, not the archive's that is still shown while the restore runs.
+    page.wait_for_selector('#notice.ok:has-text("Restored 1 of 1")')
     assert [m.message_id for m in stack.services.transport.receive(QUEUE_READY, max_messages=10)] == [f"{lead_id}.r1"]
     assert page.locator(f'#panel-archive .letter[data-message-id="{lead_id}"]').count() == 0
     browser.assert_self_contained()
@@ -488,8 +487,7 @@ def test_edit_and_resend_refuses_a_body_that_is_not_a_lead_in_place_then_sends_t
     editor.fill(json.dumps(corrected))
     page.click("#dialog-confirm")
 
-    page.wait_for_selector("#notice.ok")
-    assert f"as {lead_id}.r1" in page.locator("#notice").inner_text()
+    page.wait_for_selector(f'#notice.ok:has-text("as {lead_id}.r1")')
     assert lead_id not in dead_letter_ids(stack)
     [copy] = stack.services.transport.receive(QUEUE_INCOMING, max_messages=10)
     assert json.loads(copy.body) == corrected

@@ -108,6 +108,8 @@ var stateTables = [
   'publishersettings'
   'replayjobs'
   'ingestids'
+  'leadjourneys'
+  'deadletterarchive'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {

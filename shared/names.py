@@ -45,6 +45,8 @@ TABLE_API_KEYS = "apikeys"  # publisher API key records (hashed)
 TABLE_PUBLISHER_SETTINGS = "publishersettings"  # mapping and alert settings
 TABLE_REPLAY_JOBS = "replayjobs"  # dead-letter replay jobs
 TABLE_INGEST_IDS = "ingestids"  # lead ids the ingest endpoint accepted (duplicate answers)
+TABLE_LEAD_JOURNEYS = "leadjourneys"  # every settlement of a lead (GET /api/leads/{leadId}, leadwriter trace)
+TABLE_DEAD_LETTER_ARCHIVE = "deadletterarchive"  # archived (discarded) dead letters, restorable for a while
 STATE_TABLES: tuple[str, ...] = (
     TABLE_DELIVERIES,
     TABLE_CRM_LIMITS,
@@ -52,4 +54,6 @@ STATE_TABLES: tuple[str, ...] = (
     TABLE_PUBLISHER_SETTINGS,
     TABLE_REPLAY_JOBS,
     TABLE_INGEST_IDS,
+    TABLE_LEAD_JOURNEYS,
+    TABLE_DEAD_LETTER_ARCHIVE,
 )

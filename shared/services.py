@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 from shared import datadir
 from shared.crm.pacing import Pacer
 from shared.crm.penalties import Penalties, StatePenaltyStore
+from shared.ops.alerts import AlertService
 from shared.ops.apikeys import ApiKeyStore, StateRecords
 from shared.ops.jobs import Jobs
+from shared.ops.journey import JourneyBook
 from shared.ops.status import StatusBook
 from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
 from shared.pipeline.identity import SeenIds, StateSeenIds
@@ -52,6 +54,10 @@ class Services:
     seen_ids: SeenIds
     #: Sweep jobs (replay, purge of many dead letters) over the state store and the jobs queue.
     jobs: Jobs
+    #: Every settlement of every lead, on the state store (shared.ops.journey); fed by :meth:`observe`.
+    journeys: JourneyBook
+    #: Alert webhooks of publishers (shared.ops.alerts); fed by :meth:`observe`, delivering off the path.
+    alerts: AlertService
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -81,6 +87,10 @@ class Services:
             status=StatusBook(state),
             state=state,
             jobs=Jobs(state, transport),
+            journeys=JourneyBook(state),
+            alerts=AlertService(
+                state, secrets, allowed_hosts=settings.webhook_allowed_hosts, ca_bundle=settings.ca_bundle
+            ),
         )
 
     @property
@@ -90,8 +100,9 @@ class Services:
 
 
     def observe(self, settled: Settled) -> None:
-        """The settlement observer of every runtime: the status book and the metrics. Raises nothing."""
-        fan_out(self.status.observe, self.metrics.observe)(settled)
+        """The settlement observer of every runtime: the status book, the metrics, the journeys and the
+        alerts. Raises nothing."""
+        fan_out(self.status.observe, self.metrics.observe, self.journeys.observe, self.alerts.observe)(settled)
 
     def embedded_runtime(
         self, *, concurrency: int | None = None, publisher_concurrency: int | None = None
@@ -119,6 +130,8 @@ class Services:
 
     def close(self) -> None:
         self.status.close()
+        self.journeys.close()
+        self.alerts.close()
         self.transport.close()
         self.state.close()
 

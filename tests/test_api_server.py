@@ -133,12 +133,18 @@ def test_openapi_document_lists_every_stable_route(stack: ApiStack) -> None:
         "/api/publishers/{publisherId}/status": {"get"},
         "/api/publishers/{publisherId}/leads": {"post"},
         "/api/publishers/{publisherId}/mapping": {"get", "put"},
+        "/api/publishers/{publisherId}/alerts": {"get", "put", "delete"},
         "/api/deadletters": {"get"},
         "/api/deadletters/replay": {"post"},
         "/api/deadletters/purge": {"post"},
         "/api/stats": {"get"},
         "/api/whoami": {"get"},
         "/api/jobs/{jobId}": {"get"},
+        "/api/leads/{leadId}": {"get"},
+        "/api/deadletters/archive": {"post"},
+        "/api/deadletters/archived": {"get"},
+        "/api/deadletters/archived/restore": {"post"},
+        "/api/deadletters/{messageId}/resend": {"post"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected
     schemas = answer.json()["components"]["schemas"]

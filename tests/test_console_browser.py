@@ -9,6 +9,7 @@ than the server and that no Content-Security-Policy violation was reported.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,11 +19,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.names import QUEUE_READY, STAGE_QUEUES
+from shared.names import QUEUE_INCOMING, QUEUE_READY, STAGE_QUEUES
 from shared.runtime.embedded import wait_until
 from shared.simulator import CrmSimulator, SimOrg
 from tests.fixtures.api import ADMIN_KEY, ApiStack, api_stack
-from tests.fixtures.screenshots import Seeded, chromium_path, seed_console, sign_in
+from tests.fixtures.screenshots import Seeded, _lead_id, chromium_path, seed_console, sign_in
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 if chromium_path() is None:  # pragma: no cover - `make test` installs it
@@ -367,4 +368,127 @@ def test_the_docs_page_renders_offline_from_the_server_alone(browser: Browser) -
     assert any("/api/deadletters/replay" in path for path in paths)
     assert any(url.endswith("/api/openapi.json") for url in browser.requests)
     assert any("/api/docs/assets/swagger-ui-bundle.js" in url for url in browser.requests)
+    browser.assert_self_contained()
+
+
+# -- a lead's journey, archive and restore, edit and resend -------------------------------------------
+
+
+def test_the_admin_looks_up_a_leads_journey_and_opens_a_dead_letters_journey_from_its_detail(
+    browser: Browser, seeded: Seeded
+) -> None:
+    page = browser.page
+    sign_in(page, browser.base_url, ADMIN_KEY)
+    delivered = _lead_id("contoso", 1)
+
+    page.fill("#journey-lead", delivered)
+    page.fill("#journey-publisher", "contoso")
+    page.click('#journey-form button[type="submit"]')
+
+    journey = page.locator(f'#journey-result .journey[data-lead-id="{delivered}"]')
+    journey.wait_for()
+    assert journey.get_attribute("data-state") == "delivered"
+    assert page.locator('#journey-result tr[data-action="delivered"]').count() == 1
+    assert "CRM record" in journey.inner_text()
+
+    [rejected] = seeded.ids("fabrikam", "SolutionMissing")
+    page.click(f'.letter[data-message-id="{rejected}"] button')
+    page.locator('#dialog button[data-action="journey"]').click()
+    shown = page.locator(f'#dialog .journey[data-lead-id="{rejected}"]')
+    shown.wait_for()
+    assert shown.get_attribute("data-state") == "dead-lettered"
+    assert "SolutionMissing" in shown.inner_text()
+    browser.assert_self_contained()
+
+
+def test_a_publisher_sees_the_journey_of_its_own_leads_only_and_no_archive_or_resend(
+    browser: Browser, stack: ApiStack, seeded: Seeded
+) -> None:
+    page = browser.page
+    sign_in(page, browser.base_url, stack.key_for("tailspin"))
+
+    assert page.locator("#journey-publisher").count() == 0, "a publisher names no publisher"
+    page.fill("#journey-lead", _lead_id("tailspin", 28))
+    page.click('#journey-form button[type="submit"]')
+    page.locator("#journey-result .journey").wait_for()
+    assert page.locator("#journey-result .journey").get_attribute("data-state") == "delivered"
+
+    page.fill("#journey-lead", _lead_id("contoso", 1))
+    page.click('#journey-form button[type="submit"]')
+    page.locator("#journey-result .journey-empty").wait_for()
+    assert "contoso" not in page.content()
+    for absent in ("#panel-archive", 'button[data-action="archive"]', 'button[data-action="resend"]'):
+        assert page.locator(absent).count() == 0, absent
+    assert not [url for url in browser.requests if "/api/deadletters" in url]
+    browser.assert_self_contained()
+
+
+def test_archive_previews_then_archives_and_restore_sends_the_lead_back_to_its_queue(
+    browser: Browser, stack: ApiStack, seeded: Seeded
+) -> None:
+    page = browser.page
+    sign_in(page, browser.base_url, ADMIN_KEY)
+    [lead_id] = seeded.ids("contoso", "RetriesExhausted")
+    group = page.locator('.reason-group[data-reason="RetriesExhausted"] .publisher-group[data-publisher="contoso"]')
+    assert "Nothing archived" in page.locator("#panel-archive").inner_text()
+
+    group.locator('button[data-action="archive"]').click()
+    dialog = page.locator("#dialog")
+    dialog.wait_for(state="visible")
+    assert "1 dead letter(s) would be archived" in dialog.inner_text()
+    assert lead_id in dead_letter_ids(stack), "the dry run moved nothing"
+    page.click("#dialog-confirm")
+
+    page.wait_for_selector('#notice.ok:has-text("Archived 1 of 1")')
+    assert lead_id not in dead_letter_ids(stack)
+    archived = page.locator(f'#panel-archive .letter[data-message-id="{lead_id}"]')
+    assert "RetriesExhausted" in archived.inner_text()
+
+    archived.locator('button[data-action="restore"]').click()
+    dialog.wait_for(state="visible")
+    assert f"{QUEUE_READY} as {lead_id}.r1" in dialog.locator(".plan").inner_text()
+    assert stack.services.transport.receive(QUEUE_READY, max_messages=10) == [], "the dry run sent nothing"
+    page.click("#dialog-confirm")
+
+    # Wait for this notice, not the archive's that is still shown while the restore runs.
+    page.wait_for_selector('#notice.ok:has-text("Restored 1 of 1")')
+    assert [m.message_id for m in stack.services.transport.receive(QUEUE_READY, max_messages=10)] == [f"{lead_id}.r1"]
+    assert page.locator(f'#panel-archive .letter[data-message-id="{lead_id}"]').count() == 0
+    browser.assert_self_contained()
+
+
+def test_edit_and_resend_refuses_a_body_that_is_not_a_lead_in_place_then_sends_the_corrected_one(
+    browser: Browser, stack: ApiStack, seeded: Seeded
+) -> None:
+    page = browser.page
+    sign_in(page, browser.base_url, ADMIN_KEY)
+    [lead_id] = seeded.ids("tailspin", "InvalidLead")
+    # Only the reasons a corrected body fixes offer it.
+    assert page.locator('.reason-group[data-reason="RetriesExhausted"] button[data-action="resend"]').count() == 0
+
+    page.click(f'.letter[data-message-id="{lead_id}"] button')
+    page.locator('#dialog button[data-action="resend"]').click()
+    editor = page.locator("#resend-body")
+    editor.wait_for()
+    body = json.loads(editor.input_value())
+    assert body["leadId"] == lead_id
+
+    editor.fill(json.dumps({**body, "lead": {"UserDetails": {}}}))
+    page.click("#dialog-confirm")
+    error = page.locator("#dialog .dialog-error")
+    error.wait_for(state="visible")
+    assert "Not sent" in error.inner_text()
+    assert (error.get_attribute("data-field") or "").startswith("lead")
+    assert page.locator("#dialog").is_visible(), "the dialog stays open to fix the body"
+    assert lead_id in dead_letter_ids(stack)
+    assert stack.services.transport.receive(QUEUE_INCOMING, max_messages=10) == []
+
+    corrected = {**body, "lead": {"UserDetails": {"FirstName": "Grace", "Email": "grace@example.com"}}}
+    editor.fill(json.dumps(corrected))
+    page.click("#dialog-confirm")
+
+    page.wait_for_selector(f'#notice.ok:has-text("as {lead_id}.r1")')
+    assert lead_id not in dead_letter_ids(stack)
+    [copy] = stack.services.transport.receive(QUEUE_INCOMING, max_messages=10)
+    assert json.loads(copy.body) == corrected
     browser.assert_self_contained()

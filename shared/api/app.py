@@ -16,7 +16,15 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api import routes_admin, routes_console, routes_mapping, routes_publishers, routes_whoami
+from shared.api import (
+    routes_admin,
+    routes_alerts,
+    routes_console,
+    routes_leads,
+    routes_mapping,
+    routes_publishers,
+    routes_whoami,
+)
 from shared.api.auth import LIMITER_STATE, FailedKeyLimiter
 from shared.api.errors import install_error_handlers
 from shared.api.logredact import install_log_redaction
@@ -51,6 +59,7 @@ TAGS = [
         "or that publisher's own key.",
     },
     {"name": "admin", "description": "Publisher keys, dead letters (list, replay, purge) and statistics: admin key."},
+    {"name": "leads", "description": "What happened to one lead, step by step. Admin key or its publisher's."},
     {"name": "session", "description": "Which key you hold, and so what you may do."},
 ]
 
@@ -155,7 +164,9 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
 
     app.include_router(routes_publishers.router)
     app.include_router(routes_mapping.router)
+    app.include_router(routes_alerts.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_leads.router)
     app.include_router(routes_whoami.router)
     app.include_router(routes_console.router)
     return app

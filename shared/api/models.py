@@ -542,3 +542,244 @@ class StatsAnswer(ApiModel):
     publishers_failing: list[FailingPublisher] = Field(
         description="Publishers whose leads keep failing for a reason they fix: credentials, solution or role."
     )
+
+
+class JourneyEventAnswer(ApiModel):
+    """One settlement of a lead: which stage handled it, and what came of it."""
+
+    at: str = Field(description="When it was settled (ISO 8601, UTC).")
+    stage: str = Field(description="`validate_credentials`, `check_solution` or `write_lead`.")
+    action: str = Field(description="`forwarded`, `delivered`, `rescheduled` (a retry later) or `dead-lettered`.")
+    attempt: int = Field(description="The delivery attempt, from 1.")
+    replay_count: int = Field(default=0, description="How often the lead was replayed or resent before.")
+    deferrals: int = Field(default=0, description="How often it waited without reaching the CRM (a penalty).")
+    reason: str | None = Field(default=None, description="The dead-letter reason, e.g. `LeadRejected`.")
+    description: str | None = Field(default=None, description="The error in words, for a retry or a dead letter.")
+    message_id: str | None = Field(default=None, description="The message that was settled.")
+    record_id: str | None = Field(default=None, description="The Dataverse lead record id, once written.")
+    created: bool | None = Field(default=None, description="True when this write created the CRM record.")
+    delay: float | None = Field(default=None, description="Seconds a rescheduled copy waits.")
+
+
+class LeadJourneyAnswer(ApiModel):
+    """Everything that happened to one lead, oldest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "publisherId": "contoso",
+                    "leadId": "a1b2c3",
+                    "state": "delivered",
+                    "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f",
+                    "events": [
+                        {
+                            "at": "2026-01-05T10:00:00.120Z",
+                            "stage": "validate_credentials",
+                            "action": "forwarded",
+                            "attempt": 1,
+                            "replayCount": 0,
+                            "deferrals": 0,
+                        },
+                        {
+                            "at": "2026-01-05T10:00:00.480Z",
+                            "stage": "write_lead",
+                            "action": "delivered",
+                            "attempt": 1,
+                            "replayCount": 0,
+                            "deferrals": 0,
+                            "recordId": "0c6b8f1e-2a4d-5b3c-9e8f-7a6b5c4d3e2f",
+                            "created": True,
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+    publisher_id: str = Field(description="The lead's publisher.")
+    lead_id: str = Field(description="The marketplace lead id.")
+    state: str = Field(description="Where it is now: `delivered`, `dead-lettered`, `waiting` (a retry) or `in-flight`.")
+    record_id: str | None = Field(default=None, description="The Dataverse lead record id, once written.")
+    events: list[JourneyEventAnswer] = Field(description="Every settlement, oldest first.")
+
+
+class ArchiveBody(DeadLetterSelection):
+    """Which dead letters to archive: taken out of the dead-letter queue, kept restorable for 30 days."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"reason": "InvalidLead", "publisherId": "contoso", "dryRun": True}]}
+    )
+
+    dry_run: bool = Field(default=False, description="Only show what would be archived; change nothing.")
+
+
+class ArchiveAnswer(ApiModel):
+    """What an archive did, or with `dryRun`, what it would do."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"matched": 2, "archived": 2, "refused": 0, "errors": [], "refusals": [], "dryRun": False},
+                {
+                    "matched": 1,
+                    "archived": 0,
+                    "refused": 0,
+                    "errors": [],
+                    "refusals": [],
+                    "dryRun": True,
+                    "messageIds": ["6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"],
+                },
+            ]
+        }
+    )
+
+    matched: int = Field(description="Dead letters the selection matched.")
+    archived: int = Field(description="Archived and removed from the dead-letter queue (0 in a dry run).")
+    refused: int = Field(default=0, description="Too large to archive (over 64 KiB); they stay dead-lettered.")
+    errors: list[str] = Field(default=[], description="Dead letters that could not be archived now; they stay.")
+    refusals: list[str] = Field(default=[], description="Why each refused one was refused.")
+    dry_run: bool = Field(default=False, description="True when nothing changed.")
+    message_ids: list[str] | None = Field(default=None, description="Dry run only: the dead letters that match.")
+
+
+class ArchivedAnswer(ApiModel):
+    """Archived dead letters, newest archived first: the dead letter's fields plus `archivedAt` and
+    `expiresAt` (after which it can no longer be restored)."""
+
+    items: list[dict[str, Any]] = Field(description="Each archived dead letter, with its body.")
+
+
+class RestoreBody(DeadLetterSelection):
+    """Which archived dead letters to send back to the stage queue they died on. Name at least one filter."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"messageIds": ["6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"], "dryRun": True}]}
+    )
+
+    dry_run: bool = Field(default=False, description="Only show what would be sent where; send nothing.")
+
+
+class RestoreAnswer(ApiModel):
+    """What a restore did, or with `dryRun`, what it would do."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"matched": 1, "restored": 1, "errors": [], "dryRun": False}]}
+    )
+
+    matched: int = Field(description="Archived dead letters the selection matched.")
+    restored: int = Field(description="Sent back to their queue and taken out of the archive (0 in a dry run).")
+    errors: list[str] = Field(default=[], description="Entries that could not be restored now; they stay archived.")
+    dry_run: bool = Field(default=False, description="True when nothing was sent.")
+    plan: list[dict[str, Any]] | None = Field(
+        default=None, description="Dry run only: each entry's `messageId`, `queue` and the `newMessageId` of its copy."
+    )
+
+
+class ResendBody(ApiModel):
+    """The corrected lead message. `leadId` and `publisherId` may be left out (the dead letter's are kept);
+    if given they must be the dead letter's."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "body": {
+                        "leadId": "mkt-000123",
+                        "publisherId": "contoso",
+                        "lead": {
+                            "UserDetails": {"FirstName": "Ada", "LastName": "Lovelace", "Email": "ada@example.com"}
+                        },
+                    }
+                }
+            ]
+        }
+    )
+
+    body: dict[str, Any] = Field(description="The corrected message, in the shape of the dead letter's body.")
+    dry_run: bool = Field(default=False, description="Only validate the body and show what would be sent.")
+
+
+class ResendAnswer(ApiModel):
+    """What the resend did."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "messageId": "mkt-000123",
+                    "queue": "leads-incoming",
+                    "newMessageId": "mkt-000123.r1",
+                    "leadId": "mkt-000123",
+                    "publisherId": "contoso",
+                    "sent": True,
+                    "completed": True,
+                    "dryRun": False,
+                }
+            ]
+        }
+    )
+
+    message_id: str = Field(description="The dead letter that was corrected.")
+    queue: str = Field(description="The stage queue the corrected copy went to (the one it died on).")
+    new_message_id: str = Field(description="The corrected copy's message id.")
+    lead_id: str = Field(description="The lead id (unchanged).")
+    publisher_id: str = Field(description="The publisher (unchanged).")
+    sent: bool = Field(description="The corrected copy was sent.")
+    completed: bool = Field(description="The dead letter was removed (only ever after the copy was sent).")
+    dry_run: bool = Field(default=False, description="True when only validated.")
+    error: str | None = Field(default=None, description="What went wrong after sending, if anything.")
+
+
+class AlertsBody(ApiModel):
+    """Where to send this publisher's alert events, and which ones."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "webhookUrl": "https://hooks.contoso.com/leadwriter",
+                    "events": ["delivery.failing", "delivery.recovered"],
+                },
+                {"webhookUrl": "https://hooks.contoso.com/leadwriter", "rotateSecret": True},
+            ]
+        }
+    )
+
+    webhook_url: Annotated[str, StringConstraints(max_length=2048)] = Field(
+        description="An `https` URL on a public host (port 443). Redirects are not followed."
+    )
+    events: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None,
+        max_length=10,
+        description="Any of `delivery.failing`, `delivery.recovered`, `connection.verified`, `test`; default all.",
+    )
+    rotate_secret: bool = Field(default=False, description="Make a new signing secret (the old one stops working).")
+
+
+class AlertsAnswer(ApiModel):
+    """A publisher's alert settings. `secret` appears only when it was just made: keep it, it is not shown again."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "publisherId": "contoso",
+                    "webhookUrl": "https://hooks.contoso.com/leadwriter",
+                    "events": ["delivery.failing", "delivery.recovered", "connection.verified", "test"],
+                    "updatedAt": "2026-01-05T10:00:00Z",
+                    "secret": "whsec_3q2+7w…",
+                }
+            ]
+        }
+    )
+
+    publisher_id: str = Field(description="The publisher.")
+    webhook_url: str = Field(description="Where events are POSTed.")
+    events: list[str] = Field(description="The event types sent.")
+    updated_at: str = Field(description="When the settings were last stored (ISO 8601, UTC).")
+    secret: str | None = Field(
+        default=None,
+        description="The signing secret, only when just made. Each event carries `LeadWriter-Signature: "
+        't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` keyed by it.',
+    )

@@ -44,7 +44,7 @@ from shared.settings import Settings
 from shared.transport.base import OutgoingMessage, Transport
 
 app = typer.Typer(help="Lead Writer: marketplace leads into Dynamics 365 / Dataverse.", no_args_is_help=True)
-deadletters_app = typer.Typer(help="See, replay and purge dead letters.", no_args_is_help=True)
+deadletters_app = typer.Typer(help="See, replay, resend, archive, restore or purge dead letters.", no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
 
 # soft_wrap: an error line stays one line in logs and in what scripts capture, whatever the width.
@@ -639,6 +639,215 @@ def deadletters_purge(
         raise typer.Exit(1)
 
 
+def _archive_source(settings: Settings) -> str:
+    if settings.state_backend == "tables":
+        return f"dead-letter archive in Table Storage {settings.tables_url or '(connection string)'}"
+    return f"dead-letter archive {(settings.data_dir / STATE_FILE).resolve()}"
+
+
+@deadletters_app.command("archive")
+def deadletters_archive(
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
+    publisher: PublisherOpt = None,
+    message_id: MessageIdOpt = None,
+    enqueued_before: BeforeOpt = None,
+    enqueued_after: AfterOpt = None,
+    limit: LimitOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be archived; change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Discard dead letters into the archive (restorable for 30 days with `deadletters restore`; the
+    archive entry is written before the dead letter is removed). Exit 1 when some were refused (over
+    64 KiB) or failed."""
+    from shared.ops.archive import DeadLetterArchive
+    from shared.state import make_state_store
+    from shared.transport import make_transport
+
+    settings = _settings()
+    flt = _filter(queue, reason, publisher, message_id, enqueued_before, enqueued_after)
+    _say_source(settings, _archive_source(settings))
+    transport = make_transport(settings)
+    state = make_state_store(settings)
+    try:
+        result = DeadLetterArchive(state).archive(transport, flt, limit=limit, dry_run=dry_run)
+    finally:
+        transport.close()
+        state.close()
+    if as_json:
+        _emit_json(result.to_json())
+    elif dry_run:
+        out.print(
+            f"dry run: {result.matched} dead letter(s) match, {result.refused} too large to archive; nothing moved"
+        )
+        for message_id_ in result.message_ids:
+            out.print(f"  {message_id_}", highlight=False)
+    else:
+        out.print(f"matched {result.matched}, archived {result.archived}, refused {result.refused}")
+    if not as_json:
+        for refusal in result.refusals:
+            console.print(f"[yellow]refused:[/yellow] {escape(refusal)}", soft_wrap=False)
+        for error in result.errors:
+            console.print(f"[red]{escape(error)}[/red]")
+    if result.refused or result.errors:
+        raise typer.Exit(1)
+
+
+@deadletters_app.command("archived")
+def deadletters_archived(
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
+    publisher: PublisherOpt = None,
+    message_id: MessageIdOpt = None,
+    limit: LimitOpt = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines (the API's item shape, with the body).")] = False,
+) -> None:
+    """Show archived dead letters, newest archived first, with when they expire."""
+    from shared.ops.archive import DeadLetterArchive
+    from shared.state import make_state_store
+
+    settings = _settings()
+    flt = _filter(queue, reason, publisher, message_id)
+    console.print(f"[dim]reading {escape(_archive_source(settings))}[/dim]", highlight=False, soft_wrap=False)
+    state = make_state_store(settings)
+    try:
+        entries = DeadLetterArchive(state).list(
+            queue=list(flt.queues),
+            reason=sorted(flt.reasons) if flt.reasons else None,
+            publisher_id=flt.publisher_id,
+            message_ids=sorted(flt.message_ids) if flt.message_ids else None,
+            limit=limit or 100,
+        )
+    finally:
+        state.close()
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    if not entries:
+        out.print("no archived dead letters match")
+        return
+    table = Table(title=f"{len(entries)} archived dead letter(s)", **_TABLE)
+    table.add_column("messageId", no_wrap=True)
+    table.add_column("publisher", overflow="ellipsis", no_wrap=True, max_width=14)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("queue", no_wrap=True)
+    table.add_column("archived", no_wrap=True)
+    table.add_column("expires", no_wrap=True)
+    for entry in entries:
+        row = entry.to_json()
+        table.add_row(
+            entry.message_id,
+            entry.item.publisher_id or "-",
+            entry.item.reason or UNKNOWN_REASON,
+            entry.item.queue,
+            _when(row["archivedAt"], short=True),
+            _when(row["expiresAt"], short=True),
+        )
+    out.print(table)
+
+
+@deadletters_app.command("restore")
+def deadletters_restore(
+    message_id: MessageIdOpt = None,
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
+    publisher: PublisherOpt = None,
+    limit: LimitOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent where; send nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send archived dead letters back to the queue they died on, as a replay does, then take them out
+    of the archive. Name at least one filter. Exit 1 when some failed."""
+    from shared.ops.archive import DeadLetterArchive
+    from shared.state import make_state_store
+    from shared.transport import make_transport
+
+    settings = _settings()
+    if not (message_id or queue or reason or publisher):
+        console.print("[red]name what to restore: --message-id, --queue, --reason or --publisher[/red]")
+        raise typer.Exit(2)
+    flt = _filter(queue, reason, publisher, message_id)
+    _say_source(settings, _archive_source(settings))
+    transport = make_transport(settings)
+    state = make_state_store(settings)
+    try:
+        archive = DeadLetterArchive(state)
+        entries = archive.list(
+            queue=list(flt.queues),
+            reason=sorted(flt.reasons) if flt.reasons else None,
+            publisher_id=flt.publisher_id,
+            message_ids=sorted(flt.message_ids) if flt.message_ids else None,
+            limit=limit or 10_000,
+        )
+        result = archive.restore(transport, entries, dry_run=dry_run)
+    finally:
+        transport.close()
+        state.close()
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        verb = "would restore" if dry_run else "restored"
+        out.print(f"matched {result.matched}, {verb} {result.matched if dry_run else result.restored}")
+        for step in result.plan if dry_run else []:
+            out.print(f"  {step['messageId']} → {step['queue']} as {step['newMessageId']}", highlight=False)
+        for error in result.errors:
+            console.print(f"[red]{escape(error)}[/red]")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@deadletters_app.command("resend")
+def deadletters_resend(
+    message_id: Annotated[str, typer.Argument(help="The dead letter's message id.", show_default=False)],
+    body: Annotated[
+        Path,
+        typer.Option(
+            "--body", help="A file with the corrected message (JSON); leadId and publisherId may be left out."
+        ),
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only validate the corrected body.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Correct an InvalidLead or LeadRejected dead letter and send it again to the queue it died on
+    (validated as a lead first; the dead letter is removed only after the copy was sent). Exit 1 when
+    the body is refused, 2 when the dead letter is not there or not editable."""
+    from shared.errors import InvalidLead
+    from shared.ops.archive import DeadLetterNotFound, NotEditable, resend
+    from shared.transport import make_transport
+
+    settings = _settings()
+    try:
+        text = body.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        console.print(f"[red]cannot read {escape(str(body))}: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    _say_source(settings)
+    transport = make_transport(settings)
+    try:
+        result = resend(transport, message_id, text, dry_run=dry_run)
+    except (DeadLetterNotFound, NotEditable) as exc:
+        console.print(f"[red]{escape(exc.message)}[/red]")
+        raise typer.Exit(2) from None
+    except InvalidLead as exc:
+        if as_json:
+            _emit_json({"error": exc.message, "field": exc.field or "body"})
+        console.print(f"[red]refused, nothing sent: {escape(exc.message)}[/red] (field: {escape(exc.field or 'body')})")
+        raise typer.Exit(1) from None
+    finally:
+        transport.close()
+    if as_json:
+        _emit_json(result.to_json())
+    elif dry_run:
+        out.print(f"valid: {result.message_id} would go to {result.queue} as {result.new_message_id}; nothing sent")
+    else:
+        out.print(f"resent {result.message_id} to {result.queue} as {result.new_message_id}")
+    if result.error:
+        console.print(f"[red]{escape(result.error)}[/red]")
+        raise typer.Exit(1)
+
+
 #: The status book's file in the data dir (shared.services builds it there).
 
 
@@ -723,6 +932,74 @@ def stats(
         out.print(alerts)
     else:
         out.print("no publisher is failing on configuration")
+
+
+def _state_source(settings: Settings, what: str) -> str:
+    """The state store a command reads, for the line that names it."""
+    if settings.state_backend == "tables":
+        return f"{what} in Table Storage {settings.tables_url or '(connection string)'}"
+    return f"{what} {(settings.data_dir / STATE_FILE).resolve()}"
+
+
+@app.command()
+def trace(
+    lead_id: Annotated[str, typer.Argument(help="The marketplace lead id.", show_default=False)],
+    publisher: Annotated[
+        str | None, typer.Option("--publisher", help="The lead's publisher (without it: every publisher, a scan).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per publisher, shaped like GET /api/leads/{leadId}.")
+    ] = False,
+) -> None:
+    """What happened to a lead: every settlement (stage, outcome, reason, attempt, time, CRM record id).
+    Exit 1 when no settlement of it is recorded."""
+    from shared.ops.journey import JourneyBook
+    from shared.state import make_state_store
+
+    settings = _settings()
+    console.print(
+        f"[dim]reading {escape(_state_source(settings, 'lead journeys'))}[/dim]", highlight=False, soft_wrap=False
+    )
+    state = make_state_store(settings)
+    book = JourneyBook(state)
+    try:
+        journeys = [book.get(publisher, lead_id)] if publisher else book.find(lead_id)
+    except ValueError as exc:  # an id the state store refuses as a key (InvalidStateKey)
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    finally:
+        book.close()
+        state.close()
+    journeys = [journey for journey in journeys if journey.events]
+    if as_json:
+        for journey in journeys:
+            _emit_json(journey.to_json())
+    for journey in [] if as_json else journeys:
+        state_style = {"delivered": "green", "dead-lettered": ALERT}.get(journey.state, "yellow")
+        title = Text.assemble(
+            f"lead {journey.lead_id} of {journey.publisher_id}: ",
+            (journey.state, state_style),
+            f"  (CRM record {journey.record_id})" if journey.record_id else "",
+        )
+        table = Table(title=title, **_TABLE)
+        for column in ("at (UTC)", "stage", "outcome", "attempt", "reason / record"):
+            table.add_column(column, justify="right" if column == "attempt" else "left", overflow="fold")
+        for event in journey.events:
+            outcome = Text(event.action, style=ALERT if event.action == "dead-lettered" else "")
+            detail = event.reason or ""
+            if event.record_id:
+                detail = f"record {event.record_id}" + (" (created)" if event.created else " (already there)")
+            elif event.description:
+                detail = f"{detail}: {event.description}" if detail else event.description
+            if event.delay is not None:
+                detail = f"{detail} (again in {event.delay:g} s)".strip()
+            attempt = str(event.attempt) + (f" r{event.replay_count}" if event.replay_count else "")
+            table.add_row(event.at.replace("T", " ")[:23], event.stage, outcome, attempt, detail[:300] or "-")
+        out.print(table)
+    if not journeys:
+        where = f" of publisher {publisher}" if publisher else ""
+        console.print(f"[yellow]no settlement of lead {escape(lead_id)}{escape(where)} is recorded[/yellow]")
+        raise typer.Exit(1)
 
 
 @app.command("crm-simulator")

@@ -28,7 +28,9 @@
   };
   const FIXER_LABEL = { publisher: "Publisher fixes it", ops: "Ops fix it", nobody: "Nobody: inspect / purge" };
 
-  const state = { key: null, who: null, stats: null, deadLetters: [], statuses: new Map(), publisherFilter: null };
+  const state = { key: null, who: null, stats: null, deadLetters: [], archived: [], statuses: new Map(), publisherFilter: null, journey: null };
+  // Dead letters whose body a person may correct and resend (the API refuses the others with 409).
+  const EDITABLE_REASONS = new Set(["InvalidLead", "LeadRejected"]);
 
   // -- DOM helpers -----------------------------------------------------------------------------------
 
@@ -170,6 +172,12 @@
       ]);
       state.stats = stats;
       state.deadLetters = listing.items || [];
+      try {
+        state.archived = (await api("GET", `/api/deadletters/archived?limit=${LIST_LIMIT}`)).items || [];
+      } catch (error) {
+        if (error.status === 401) throw error;
+        state.archived = [];
+      }
       const publishers = new Set();
       for (const failing of stats.publishersFailing || []) publishers.add(failing.publisherId);
       for (const item of state.deadLetters) if (item.publisherId) publishers.add(item.publisherId);
@@ -180,6 +188,7 @@
     } else {
       state.stats = null;
       state.deadLetters = [];
+      state.archived = [];
       const id = state.who.publisherId;
       state.statuses.set(id, await statusOf(id));
     }
@@ -219,17 +228,40 @@
     { id: "chart", title: "Dead letters by reason", roles: BOTH, render: renderChart },
     { id: "queues", title: "Queues", roles: ["admin"], render: renderQueues },
     { id: "deadletters", title: "Dead letters", roles: ["admin"], render: renderDeadLetters, wide: true },
+    { id: "journey", title: "A lead's journey", roles: BOTH, render: renderJourney, wide: true },
+    { id: "archive", title: "Archived dead letters", roles: ["admin"], render: renderArchive, wide: true },
     { id: "reasons", title: "Who fixes what", roles: BOTH, render: renderReasons, wide: true },
   ];
 
-  // Actions on one dead letter (its detail) and on a group of them. Edit and resend goes here.
+  // Actions on one dead letter (its detail) and on a group of them. `applies` (optional) says which
+  // selections an action makes sense for: edit and resend takes one InvalidLead or LeadRejected letter.
+  const single = (items) => items.length === 1;
   const LEAD_ACTIONS = [
     { id: "replay", label: "Replay…", roles: ["admin"], run: (items) => previewReplay(items) },
+    {
+      id: "resend",
+      label: "Edit and resend…",
+      roles: ["admin"],
+      applies: (items) => single(items) && EDITABLE_REASONS.has(items[0].reason),
+      run: (items) => editAndResend(items[0]),
+    },
+    {
+      id: "journey",
+      label: "Journey",
+      roles: ["admin"],
+      applies: (items) => single(items) && Boolean(items[0].leadId && items[0].publisherId),
+      run: (items) => showJourney(items[0].leadId, items[0].publisherId),
+    },
+    { id: "archive", label: "Archive…", roles: ["admin"], run: (items) => previewArchive(items) },
     { id: "purge", label: "Purge…", roles: ["admin"], run: (items) => previewPurge(items), danger: true },
   ];
 
   function allowed(entry) {
     return entry.roles.includes(state.who.role);
+  }
+
+  function applies(action, items) {
+    return allowed(action) && (!action.applies || action.applies(items));
   }
 
   function render() {
@@ -483,7 +515,7 @@
   }
 
   function actionButtons(items, context) {
-    return LEAD_ACTIONS.filter(allowed).map((action) =>
+    return LEAD_ACTIONS.filter((action) => applies(action, items)).map((action) =>
       el("button", {
         type: "button",
         class: action.danger ? "secondary danger" : "secondary",
@@ -590,9 +622,211 @@
     );
   }
 
+
+  // -- a lead's journey --------------------------------------------------------------------------------
+
+  const ACTION_LABEL = { forwarded: "forwarded", delivered: "delivered", rescheduled: "retry later", "dead-lettered": "dead-lettered" };
+
+  function renderJourney() {
+    const lead = el("input", { id: "journey-lead", type: "text", placeholder: "lead id", "aria-label": "Lead id", autocomplete: "off", spellcheck: "false" });
+    const fields = [lead];
+    let publisher = null;
+    if (state.who.role === "admin") {
+      publisher = el("input", { id: "journey-publisher", type: "text", placeholder: "publisher id", "aria-label": "Publisher id", autocomplete: "off" });
+      fields.push(publisher);
+    }
+    const result = el("div", { id: "journey-result" });
+    const form = el(
+      "form",
+      {
+        class: "row lookup",
+        id: "journey-form",
+        onsubmit: async (event) => {
+          event.preventDefault();
+          const leadId = lead.value.trim();
+          if (!leadId) return;
+          const publisherId = publisher ? publisher.value.trim() : state.who.publisherId;
+          result.replaceChildren(await journeyView(leadId, publisherId));
+        },
+      },
+      ...fields,
+      el("button", { type: "submit", class: "secondary", text: "Show journey" }),
+    );
+    return el(
+      "div",
+      {},
+      el("p", { class: "muted small", text: "Every settlement of one lead: stage, outcome, reason, attempt, time, and the CRM record once written." }),
+      form,
+      result,
+    );
+  }
+
+  async function journeyView(leadId, publisherId) {
+    const query = state.who.role === "admin" && publisherId ? `?publisherId=${encodeURIComponent(publisherId)}` : "";
+    let journey;
+    try {
+      journey = await api("GET", `/api/leads/${encodeURIComponent(leadId)}${query}`);
+    } catch (error) {
+      const text = error.status === 404 ? `Nothing is recorded for lead ${leadId}.` : `Could not load the journey: ${error.message}`;
+      return el("p", { class: error.status === 404 ? "muted journey-empty" : "error", text });
+    }
+    const rows = (journey.events || []).map((event) => {
+      let detail = event.reason || "";
+      if (event.recordId) detail = `record ${event.recordId}${event.created ? " (created)" : " (already there)"}`;
+      else if (event.description) detail = detail ? `${detail}: ${event.description}` : event.description;
+      if (event.delay !== undefined && event.delay !== null) detail = `${detail} (again in ${event.delay} s)`.trim();
+      return el(
+        "tr",
+        { "data-action": event.action },
+        el("td", { class: "mono", text: when(event.at) }),
+        el("td", { text: event.stage }),
+        el("td", {}, el("span", { class: `outcome outcome-${event.action}`, text: ACTION_LABEL[event.action] || event.action })),
+        el("td", { text: String(event.attempt) + (event.replayCount ? ` (replay ${event.replayCount})` : "") }),
+        el("td", { class: "detail", text: detail || "—" }),
+      );
+    });
+    return el(
+      "div",
+      { class: "journey", "data-lead-id": journey.leadId, "data-state": journey.state },
+      el(
+        "p",
+        { class: "journey-summary" },
+        el("strong", { class: "mono", text: journey.leadId }),
+        ` of ${journey.publisherId}: `,
+        el("span", { class: `outcome outcome-${journey.state}`, text: journey.state }),
+        journey.recordId ? el("span", { class: "mono", text: ` · CRM record ${journey.recordId}` }) : null,
+      ),
+      el(
+        "div",
+        { class: "scroll" },
+        el(
+          "table",
+          { class: "journey-table" },
+          el("thead", {}, el("tr", {}, ["At", "Stage", "Outcome", "Attempt", "Reason / record"].map((h) => el("th", { scope: "col", text: h })))),
+          el("tbody", {}, rows),
+        ),
+      ),
+    );
+  }
+
+  async function showJourney(leadId, publisherId) {
+    openDialog(`Journey of ${leadId}`, [await journeyView(leadId, publisherId)], null);
+  }
+
+  // -- archive and restore -----------------------------------------------------------------------------
+
+  function renderArchive() {
+    const items = state.publisherFilter ? state.archived.filter((item) => item.publisherId === state.publisherFilter) : state.archived;
+    if (!items.length) return el("p", { class: "muted", text: "Nothing archived. Archiving a dead letter keeps it here, restorable, for 30 days." });
+    const list = el(
+      "ul",
+      { class: "letters archived" },
+      items.map((item) =>
+        el(
+          "li",
+          { class: "letter", "data-message-id": item.messageId },
+          el(
+            "div",
+            { class: "archived-row" },
+            el("span", { class: "mono lead-id", text: item.leadId || item.messageId }),
+            el("span", { class: "meta", text: `${item.reason || "Unknown"} · ${item.publisherId || "—"} · ${item.queue} · archived ${when(item.archivedAt)} · until ${when(item.expiresAt)}` }),
+            el("button", { type: "button", class: "secondary", "data-action": "restore", "aria-label": `Restore ${item.leadId || item.messageId}`, text: "Restore…", onclick: () => previewRestore([item]) }),
+          ),
+        ),
+      ),
+    );
+    return el("div", {}, el("p", { class: "muted small", text: "Restoring sends the dead letter back to the queue it died on, as a replay does." }), list);
+  }
+
+  async function previewArchive(items) {
+    const ids = items.map((item) => item.messageId);
+    let plan;
+    try {
+      plan = await api("POST", "/api/deadletters/archive", { messageIds: ids, dryRun: true });
+    } catch (error) {
+      notice(`Dry run failed: ${error.message}`, "error");
+      return;
+    }
+    const matched = plan.messageIds || [];
+    const summary = el("p", {
+      class: "preview-summary",
+      text: `Dry run: ${plan.matched} dead letter(s) would be archived (restorable for 30 days), ${plan.refused || 0} too large to archive. Nothing has moved yet.`,
+    });
+    const list = el("ul", { class: "plan" }, matched.map((id) => el("li", { "data-message-id": id }, el("span", { class: "mono", text: id }))));
+    const refusals = (plan.refusals || []).map((text) => el("p", { class: "error", text }));
+    openDialog(`Archive ${matched.length} dead letter(s)?`, [summary, list, ...refusals], {
+      label: `Archive ${matched.length}`,
+      disabled: matched.length === 0,
+      run: async () => {
+        const result = await api("POST", "/api/deadletters/archive", { messageIds: matched });
+        return `Archived ${result.archived} of ${result.matched}.`;
+      },
+    });
+  }
+
+  async function previewRestore(items) {
+    const ids = items.map((item) => item.messageId);
+    let plan;
+    try {
+      plan = await api("POST", "/api/deadletters/archived/restore", { messageIds: ids, dryRun: true });
+    } catch (error) {
+      notice(`Dry run failed: ${error.message}`, "error");
+      return;
+    }
+    const steps = plan.plan || [];
+    const summary = el("p", { class: "preview-summary", text: `Dry run: ${steps.length} would be sent back. Nothing has moved yet.` });
+    const list = el(
+      "ul",
+      { class: "plan" },
+      steps.map((step) =>
+        el("li", { "data-message-id": step.messageId }, el("span", { class: "mono", text: step.messageId }), " → ", el("span", { class: "mono", text: `${step.queue} as ${step.newMessageId}` })),
+      ),
+    );
+    openDialog(`Restore ${steps.length} dead letter(s)?`, [summary, list], {
+      label: `Restore ${steps.length}`,
+      disabled: steps.length === 0,
+      run: async () => {
+        const result = await api("POST", "/api/deadletters/archived/restore", { messageIds: steps.map((step) => step.messageId) });
+        return `Restored ${result.restored} of ${result.matched}.`;
+      },
+    });
+  }
+
+  // -- edit and resend ---------------------------------------------------------------------------------
+
+  function editAndResend(item) {
+    const editor = el("textarea", { id: "resend-body", class: "editor mono", rows: 16, spellcheck: "false", "aria-label": "Corrected body (JSON)" });
+    editor.value = JSON.stringify(item.body, null, 2);
+    const error = el("p", { class: "dialog-error error", role: "alert", hidden: true });
+    const help = el("p", {
+      class: "muted small",
+      text: `${item.reason}: ${item.description || ""} Correct the body below. It is checked as a lead before anything is sent; the dead letter stays until the corrected copy is sent to ${item.queue}.`,
+    });
+    openDialog(`Edit and resend ${item.leadId || item.messageId}`, [help, editor, error], {
+      label: "Validate and resend",
+      inline: true,
+      run: async () => {
+        let body;
+        try {
+          body = JSON.parse(editor.value);
+        } catch (parseError) {
+          throw new ApiError(422, `body: not valid JSON (${parseError.message})`, { field: "body" });
+        }
+        if (body === null || typeof body !== "object" || Array.isArray(body)) {
+          throw new ApiError(422, "body: must be a JSON object", { field: "body" });
+        }
+        const result = await api("POST", `/api/deadletters/${encodeURIComponent(item.messageId)}/resend`, { body });
+        return `Resent ${result.leadId} to ${result.queue} as ${result.newMessageId}.`;
+      },
+    });
+    editor.focus();
+  }
+
   // -- dialogs: detail, previews, confirmations --------------------------------------------------------
 
   let dialogConfirm = null;
+  // True when a failed confirmation should stay in the dialog (edit and resend: fix and try again).
+  let dialogInline = false;
 
   function openDialog(title, content, confirm) {
     const dialog = $("dialog");
@@ -600,6 +834,7 @@
     $("dialog-content").replaceChildren(...content);
     const button = $("dialog-confirm");
     dialogConfirm = confirm ? confirm.run : null;
+    dialogInline = Boolean(confirm && confirm.inline);
     button.hidden = !confirm;
     if (confirm) {
       button.textContent = confirm.label;
@@ -728,6 +963,14 @@
       notice(message, "ok");
     } catch (error) {
       button.disabled = false;
+      const inline = $("dialog-content").querySelector(".dialog-error");
+      if (dialogInline && inline) {
+        const field = error.body && error.body.field ? ` (field: ${error.body.field})` : "";
+        inline.textContent = `Not sent: ${error.message}${field}`;
+        inline.dataset.field = (error.body && error.body.field) || "";
+        inline.hidden = false;
+        return;
+      }
       notice(`Failed: ${error.message}`, "error");
       closeDialog();
     }

@@ -117,13 +117,15 @@ def test_idle_and_trickling_connections_are_capped_and_timed_out_while_health_an
         slow = open_sockets(live.port, 100, PARTIAL_REQUEST)
         for client in idle + slow:
             stack.callback(client.close)
-        assert live.connections() <= CAP
+        # At the cap a new connection is accepted and then the oldest idle one closed: for a moment
+        # there may be one more than the cap.
+        assert live.connections() <= CAP + 1
 
         # Health answers at once, on a fresh connection each time, however many idle sockets wait.
         for _ in range(5):
             with httpx.Client(base_url=live.url, timeout=10) as client:
                 assert client.get("/api/health").status_code == 200
-            assert live.connections() <= CAP
+            assert live.connections() <= CAP + 1
 
         # The workers deliver meanwhile.
         harness.send([lead_message(publisher, n) for n in range(10)])

@@ -95,3 +95,31 @@ def test_penalties_of_many_crm_users_stay_bounded() -> None:
 
     assert len(penalties._until) == MAX_KEYS
     assert penalties.remaining(f"https://org{MAX_KEYS + 49}.crm.dynamics.com|user") > 0
+
+
+def test_a_request_window_one_instance_learnt_from_a_429_is_kept_by_another_from_its_first_request(
+    tmp_path: Path,
+) -> None:
+    from shared.crm.pacing import RequestWindow
+    from shared.crm.penalties import StatePenaltyStore
+    from shared.state import EmbeddedStateStore
+
+    state = EmbeddedStateStore(tmp_path / "state.db")
+    clock = Clock()
+    first = Pacer(
+        penalties=Penalties(StatePenaltyStore(state, refresh_interval=0.0), clock=clock, wall=clock), clock=clock
+    )
+    second = Pacer(
+        penalties=Penalties(StatePenaltyStore(state, refresh_interval=0.0), clock=clock, wall=clock), clock=clock
+    )
+    permit = first.decide(KEY).permit
+    assert permit is not None
+    first.release(permit, ok=False, retry_after=1.0, window=RequestWindow(limit=3, seconds=60))
+    clock.now += 2
+
+    assert second.penalty_remaining(KEY) == 0  # the penalty is over; what the 429 taught is not
+    granted = [second.decide(KEY).permit is not None for _ in range(5)]
+
+    assert second.snapshot(KEY).window == RequestWindow(limit=3, seconds=60)
+    assert granted.count(True) <= 3
+    state.close()

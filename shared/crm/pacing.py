@@ -212,6 +212,10 @@ class Pacer:
         state = self._keys.get(key)
         if state is None:
             state = _KeyState(rate=self.policy.initial_rate, tokens=self.policy.burst, updated=now)
+            # A window another instance learnt (shared with the penalties): keep to it from the start.
+            shared = self.penalties.window(key)
+            if shared is not None:
+                state.window = RequestWindow(*shared)
             self._keys[key] = state
         return state
 
@@ -298,6 +302,7 @@ class Pacer:
                     state.sent.remove(permit.sent_at)
                 if window is not None:
                     state.window = window
+                    self.penalties.share_window(permit.key, window.limit, window.seconds)
                 self._push_back(permit.key, state, now, retry_after)
             elif ok and permit.at_limit:
                 step = policy.increase / state.rate if state.pushed_back else policy.increase
@@ -312,6 +317,7 @@ class Pacer:
             state = self._state(key, now)
             if window is not None:
                 state.window = window
+                self.penalties.share_window(key, window.limit, window.seconds)
             self._push_back(key, state, now, retry_after)
 
     def _push_back(self, key: str, state: _KeyState, now: float, retry_after: float) -> None:

@@ -1,5 +1,6 @@
 """CRM service-protection penalties: after a 429, nothing goes to that CRM user until its
-``Retry-After`` has elapsed — from any stage, any process, any instance, and across a restart.
+``Retry-After`` has elapsed — from any stage, any process, any instance, and across a restart. The
+request window a 429 names is shared alongside, so every instance paces within it from the start.
 
 :class:`Penalties` is the one record of them. The pacer (:mod:`shared.crm.pacing`) consults it before
 granting a request and records every push-back in it; nothing else tracks a penalty. It keeps each
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 #: Penalties remembered per process at most (CRM users); the oldest-ending are forgotten first.
 MAX_KEYS = 10_000
 _PENALTY_PARTITION = "penalty"
+_WINDOW_PARTITION = "window"
 
 
 class PenaltyStore(Protocol):
@@ -48,6 +50,14 @@ class PenaltyStore(Protocol):
         """Keep ``until`` unless a later end is stored already. Raises on a store failure."""
         ...
 
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        """The request window (limit, seconds) a 429 named for ``key``, or None. Raises on a failure."""
+        ...
+
+    def share_window(self, key: str, limit: int, seconds: float) -> None:
+        """Record the request window a 429 named. Raises on a store failure."""
+        ...
+
 
 class MemoryPenaltyStore:
     """No sharing: the penalties of this process only."""
@@ -58,6 +68,12 @@ class MemoryPenaltyStore:
         return None
 
     def extend(self, key: str, until: float) -> None:
+        return None
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        return None
+
+    def share_window(self, key: str, limit: int, seconds: float) -> None:
         return None
 
 
@@ -107,6 +123,13 @@ class FilePenaltyStore:
             os.replace(tmp, self._path)
             self._mtime = self._path.stat().st_mtime
 
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        # One machine's processes: each learns the window from its own first 429.
+        return None
+
+    def share_window(self, key: str, limit: int, seconds: float) -> None:
+        return None
+
 
 class Penalties:
     """The penalty of each CRM user (``<origin>|<principal>``). Thread-safe.
@@ -131,6 +154,8 @@ class Penalties:
         self._lock = threading.Lock()
         self._until: dict[str, float] = {}
         self._checked: dict[str, float] = {}
+        #: Request windows the CRM named in a 429 (limit, seconds), learnt here or by another instance.
+        self._windows: dict[str, tuple[int, float]] = {}
 
     def local_remaining(self, key: str) -> float:
         """Seconds left in ``key``'s penalty as this process knows it (0 when none); no I/O."""
@@ -152,9 +177,13 @@ class Penalties:
             self._bound(self._checked)
         try:
             until = self._store.read(key)
+            window = self._store.read_window(key) if key not in self._windows else None
         except Exception:  # noqa: BLE001 - a store outage must not stop deliveries; our own record holds
             logger.warning("the shared penalty of a CRM user could not be read; using this process's record")
             return 0.0
+        if window is not None:
+            with self._lock:
+                self._windows[key] = window
         if until is None:
             return 0.0
         seconds = min(until - self._wall(), MAX_RETRY_AFTER)
@@ -171,6 +200,23 @@ class Penalties:
             self._store.extend(key, self._wall() + seconds)
         except Exception:  # noqa: BLE001 - best effort: this process is held either way
             logger.warning("the penalty of a CRM user could not be shared; only this process holds it")
+
+    def window(self, key: str) -> tuple[int, float] | None:
+        """The request window (limit, seconds) known for ``key`` — learnt here, or read from the
+        store by :meth:`remaining` (another instance met the 429). No I/O."""
+        with self._lock:
+            return self._windows.get(key)
+
+    def share_window(self, key: str, limit: int, seconds: float) -> None:
+        """Record the request window a 429 named for ``key``, here and in the store (best effort)."""
+        with self._lock:
+            self._windows[key] = (limit, seconds)
+            if len(self._windows) > MAX_KEYS:
+                self._windows.pop(next(iter(self._windows)))
+        try:
+            self._store.share_window(key, limit, seconds)
+        except Exception:  # noqa: BLE001 - best effort: this process keeps to it either way
+            logger.warning("the request window of a CRM user could not be shared; only this process knows it")
 
     def _hold(self, key: str, seconds: float) -> None:
         with self._lock:
@@ -214,3 +260,17 @@ class StatePenaltyStore:
             return {"until": until}
 
         self._store.update(TABLE_CRM_LIMITS, _PENALTY_PARTITION, self.row(key), later)
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        entity = self._store.get(TABLE_CRM_LIMITS, _WINDOW_PARTITION, self.row(key))
+        if entity is None:
+            return None
+        limit, seconds = entity.data.get("limit"), entity.data.get("seconds")
+        if isinstance(limit, int) and isinstance(seconds, int | float) and limit > 0 and seconds > 0:
+            return limit, float(seconds)
+        return None
+
+    def share_window(self, key: str, limit: int, seconds: float) -> None:
+        self._store.upsert(
+            TABLE_CRM_LIMITS, _WINDOW_PARTITION, self.row(key), {"limit": int(limit), "seconds": float(seconds)}
+        )

@@ -24,13 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.crm.connection import ClientSecretAuth, Connection, PasswordAuth
+from shared.crm.metadata import validate_mapping
 from shared.crm.verify import verify_connection
 from shared.errors import DeadLetterReason, InvalidLead
 from shared.names import QUEUE_INCOMING, STAGE_QUEUES
 from shared.ops.deadletters import DeadLetterFilter, list_dead_letters
 from shared.pipeline.lead import parse_incoming
+from shared.pipeline.mapping import parse_mapping
 from shared.pipeline.messages import envelope
-from shared.runtime.embedded import EmbeddedRuntime, wait_until
+from shared.runtime.embedded import wait_until
 from shared.services import Services
 from shared.settings import Settings
 from shared.simulator import CrmSimulator
@@ -95,7 +97,7 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
             "LEADWRITER_CRM_ALLOWED_HOSTS": f"{host}:*",
             "AZURE_AUTHORITY_HOST": simulator.authority_host,
             "REQUESTS_CA_BUNDLE": str(simulator.ca_path),
-            "LEADWRITER_ADMIN_KEY": secrets.token_urlsafe(24),
+            "LEADWRITER_ADMIN_KEY": secrets.token_urlsafe(32),
         }
     )
     services = Services.from_settings(settings)
@@ -136,6 +138,23 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
             f"solution {verification.solution_version}, user {verification.user_id}"
         )
 
+    console.print("\n[bold]   contoso maps its leads[/bold] (campaign, owning team, subject, a column of its own)")
+    simulator.add_column("contoso", "new_offer", "String", 100)
+    mapping = validate_mapping(
+        services.pipeline.client(connections["contoso"]),
+        parse_mapping(
+            {
+                "campaignId": simulator.add_campaign("contoso", "Marketplace 2026"),
+                "owner": {"type": "team", "id": simulator.add_team("contoso", "Marketplace sales")},
+                "subjectTemplate": "{OfferTitle}: {Action} — {Company}",
+                "columns": {"new_offer": "{OfferId}"},
+            }
+        ),
+    )
+    assert services.pipeline.mappings is not None
+    services.pipeline.mappings.put("contoso", mapping)
+    console.print(f"  contoso: mapping validated against the CRM's lead metadata at {mapping.validated_at:%H:%M:%S}")
+
     messages = _messages(SAMPLES, fabrikam_leads)
     expected: Counter[str] = Counter()
     malformed = 0
@@ -156,9 +175,7 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
     services.transport.send(QUEUE_INCOMING, outgoing)
 
     started = time.monotonic()
-    runtime = EmbeddedRuntime(
-        services.transport, services.pipeline, concurrency=8, publisher_concurrency=4, observer=services.observe
-    ).start()
+    runtime = services.embedded_runtime(concurrency=8, publisher_concurrency=4).start()
     try:
 
         def settled() -> bool:
@@ -173,7 +190,7 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
 
     console.print(f"\n[bold]3. In the CRM[/bold] after {elapsed:.1f} s")
     table = Table()
-    for column in ("publisher", "name", "company", "subject"):
+    for column in ("publisher", "name", "company", "subject", "mapped"):
         table.add_column(column, overflow="fold")
     ok = done
     for publisher_id, count in expected.items():
@@ -183,7 +200,18 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
             ok = False
         for record in records[:12]:
             name = " ".join(str(record.get(k) or "") for k in ("firstname", "lastname")).strip() or "-"
-            table.add_row(publisher_id, name, str(record.get("companyname") or "-"), str(record.get("subject") or "-"))
+            mapped = ", ".join(
+                label
+                for label, column in (("campaign", "_campaignid_value"), ("team", "_ownerid_value"))
+                if record.get(column)
+            ) + (f", new_offer={record['new_offer']}" if record.get("new_offer") else "")
+            table.add_row(
+                publisher_id,
+                name,
+                str(record.get("companyname") or "-"),
+                str(record.get("subject") or "-"),
+                mapped if publisher_id == "contoso" else "default",
+            )
         console.print(f"  {publisher_id}: {len(records)} lead(s) written (expected {count})")
     console.print(table)
 
@@ -197,6 +225,11 @@ def _run(simulator: CrmSimulator, password_flow: bool, data_dir: Path) -> int:
     console.print(dl_table)
     invalid = [i for i in items if i.reason == DeadLetterReason.INVALID_LEAD]
     if len(invalid) != malformed or len(items) != malformed:
+        ok = False
+
+    mapped_ok = all(r.get("_campaignid_value") and r.get("_ownerid_value") for r in simulator.leads("contoso"))
+    if not mapped_ok:
+        console.print("[red]contoso's leads did not land as its mapping says[/red]")
         ok = False
 
     crm_requests = sum(simulator.requests(p).total for p in expected)

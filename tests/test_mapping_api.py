@@ -291,3 +291,49 @@ def test_a_mapped_backlog_flows_through_the_stages_with_its_binds_and_one_lookup
         assert record["new_country"] == "US"
     assert stack.services.pipeline.links.queries == 1
     assert simulator.requests(org.name).total - before <= 12 + 3, "the mapping adds one lookup, not one per lead"
+
+
+@pytest.mark.usefixtures("runtime")
+def test_with_one_lead_per_customer_and_offer_a_later_step_updates_the_first_lead_once_even_when_replayed(
+    stack: ApiStack, simulator: CrmSimulator, org: SimOrg
+) -> None:
+    # Given a publisher that wants one lead per customer and offer
+    answer = stack.client.put(
+        f"/api/publishers/{org.name}/mapping", json={"onePerCustomerAndOffer": True}, headers=stack.admin()
+    )
+    assert answer.status_code == 200, answer.text
+    key = stack.key_for(org.name)
+
+    def post(lead_id: str, action: str, source: str) -> None:
+        lead = {**MARKETPLACE_LEAD, "LeadSource": source, "ActionCode": action, "leadId": lead_id}
+        body = {"leadId": lead_id, "lead": lead}
+        sent = stack.client.post(f"/api/publishers/{org.name}/leads", json=body, headers=stack.bearer(key))
+        assert sent.status_code in (200, 202), sent.text
+
+    # When the customer first asks for a trial, then installs — and the install is sent twice
+    post("step-plt", "PLT", "AzureMarketplace-PLT|contoso.widget-saas")
+    runtime = stack.services.stage_runtime().start()
+    try:
+        assert wait_until(lambda: len(simulator.leads(org.name)) == 1, 30)
+        post("step-ins", "INS", "AzureMarketplace-INS|contoso.widget-saas")
+        assert wait_until(lambda: "[step step-ins]" in str(simulator.leads(org.name)[0].get("description")), 30)
+        # A redelivery or replay of the same step: a new message id, the same lead id
+        stack.services.transport.send(
+            QUEUE_READY,
+            [
+                OutgoingMessage(
+                    body=_message("step-ins", org.name, ActionCode="INS").to_body(),
+                    message_id="step-ins.r1",
+                    application_properties={"publisherId": org.name, "leadId": "step-ins", "replayCount": 1},
+                )
+            ],
+        )
+        assert wait_until(lambda: stack.services.transport.stats(QUEUE_READY).active == 0, 30)
+    finally:
+        runtime.stop()
+
+    # Then there is one lead, whose description names each step once
+    [record] = simulator.leads(org.name)
+    description = str(record["description"])
+    assert description.count("[step step-plt]") == 1
+    assert description.count("[step step-ins]") == 1

@@ -256,6 +256,21 @@ class DataverseClient:
             response.status_code, response.headers, response.content, operation=_OPERATION_CREATE, write=True
         )
 
+    def update_lead(self, record_id: uuid.UUID, columns: Mapping[str, Any]) -> None:
+        """Update an existing lead (``PATCH`` + ``If-Match: *``: never creates one).
+
+        Raises LeadRejected (400, or 404: the lead is gone), PermissionDenied, CrmThrottled,
+        CrmUnavailable, CredentialsRejected or AuthorityUnavailable.
+        """
+        operation = "update lead"
+        response = self._request(
+            "PATCH", f"leads({record_id})", operation=operation, body=_json_body(columns), headers={"If-Match": "*"}
+        )
+        if response.status_code not in _CREATED:
+            raise error_from_response(
+                response.status_code, response.headers, response.content, operation=operation, write=True
+            )
+
     def create_leads(self, leads: Sequence[LeadWrite]) -> list[WriteResult]:
         """Create many leads in one ``$batch``, each in its own part; results in input order.
 

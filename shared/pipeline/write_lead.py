@@ -5,13 +5,21 @@ messages of one publisher go as one ``$batch``, each lead in its own part."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from shared.crm import DataverseClient, LeadWrite, WriteResult
 from shared.errors import InvalidLead, LeadWriterError
-from shared.pipeline.lead import LeadMessage, lead_record_id, to_dataverse_columns
-from shared.pipeline.mapping import columns_for
+from shared.pipeline.lead import (
+    COLUMN_MAX_LENGTHS,
+    LeadMessage,
+    lead_record_id,
+    to_dataverse_columns,
+    truncate_utf16,
+    utf16_length,
+)
+from shared.pipeline.mapping import columns_for, customer_offer_record_id
 from shared.pipeline.outcomes import Delivered, Outcome, Retry, outcome_for_error
 from shared.transport.base import ReceivedMessage
 
@@ -23,6 +31,7 @@ logger = logging.getLogger(__name__)
 #: Default leads per $batch request (Dataverse allows 1000; smaller batches keep one slow batch short).
 #: The setting LEADWRITER_MAX_BATCH (Settings.max_batch) overrides it; 1 disables batching.
 MAX_BATCH = 100
+DESCRIPTION_LENGTH = COLUMN_MAX_LENGTHS["description"]
 
 
 def lead_write(pipeline: Pipeline, lead: LeadMessage, client: DataverseClient) -> LeadWrite:
@@ -41,8 +50,50 @@ def run(pipeline: Pipeline, message: ReceivedMessage, fresh: bool) -> Outcome:
     lead = pipeline.lead(message, incoming=False)
     connection = pipeline.connection(lead.publisher_id, fresh=fresh)
     client = pipeline.client(connection)
+    shared_id = customer_offer_record_id(lead, pipeline.mapping(lead.publisher_id))
+    if shared_id is not None:
+        return _write_step(pipeline, client, lead, shared_id)
     result = client.create_lead(lead_write(pipeline, lead, client))
     return Delivered(result.record_id, result.created)
+
+
+def _write_step(pipeline: Pipeline, client: DataverseClient, lead: LeadMessage, record_id: uuid.UUID) -> Outcome:
+    """One lead per customer and offer: the first step creates the lead under the id every step of
+    that customer and offer shares; a later step (``INS`` after ``PLT``, say) updates that lead's
+    description instead of creating a second one. Idempotent: each step leaves a marker naming its
+    lead id, so a redelivered or replayed step finds it and appends nothing twice. Steps of one lead
+    are taken one at a time in a process (two instances racing on one customer's steps could each
+    read the description before the other wrote it: the later write wins, the other step's line is
+    lost from the description, never the lead)."""
+    columns = dict(lead_write(pipeline, lead, client).columns)
+    marker = step_marker(lead)
+    step = truncate_utf16(f"{marker} {str(columns.get('description') or '').strip()}".strip(), DESCRIPTION_LENGTH)
+    columns["description"] = step
+    with pipeline.key_locks.lock(("step", record_id)):
+        result = client.create_lead(LeadWrite(record_id, columns))
+        if result.created:
+            return Delivered(record_id, created=True)
+        existing = client.get_json(f"leads({record_id})?$select=description", operation="read lead") or {}
+        description = str(existing.get("description") or "")
+        if marker in description:
+            return Delivered(record_id, created=False)
+        updated = _appended(description, step)
+        client.update_lead(record_id, {"description": updated})
+        return Delivered(record_id, created=False)
+
+
+def _appended(description: str, step: str) -> str:
+    """``step`` as the description's last line; when that is too long for the column, the oldest
+    later steps go first (the first lead's own line stays, and so does the newest step)."""
+    lines = [line for line in description.split("\n") if line] + [step]
+    while len(lines) > 2 and utf16_length("\n".join(lines)) > DESCRIPTION_LENGTH:
+        del lines[1]
+    return truncate_utf16("\n".join(lines), DESCRIPTION_LENGTH)
+
+
+def step_marker(lead: LeadMessage) -> str:
+    """The line prefix that says this lead's step is in the description already."""
+    return f"[step {lead.lead_id}]"
 
 
 def run_many(pipeline: Pipeline, messages: Sequence[ReceivedMessage]) -> list[Outcome]:
@@ -57,6 +108,10 @@ def run_many(pipeline: Pipeline, messages: Sequence[ReceivedMessage]) -> list[Ou
             lead = pipeline.lead(message, incoming=False)
         except InvalidLead as exc:
             outcomes[index] = outcome_for_error(exc)
+            continue
+        if customer_offer_record_id(lead, pipeline.mapping(lead.publisher_id)) is not None:
+            # A step that may update an earlier lead of the same customer: written on its own.
+            outcomes[index] = pipeline.handle("write_lead", message)
             continue
         by_publisher.setdefault(lead.publisher_id, []).append((index, lead))
     for group in by_publisher.values():

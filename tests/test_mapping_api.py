@@ -15,7 +15,7 @@ import pytest
 from shared.crm import LeadWrite
 from shared.crm.metadata import ExistingRecords, lead_attributes, option_values
 from shared.errors import LeadRejected
-from shared.names import QUEUE_READY
+from shared.names import QUEUE_INCOMING, QUEUE_READY
 from shared.pipeline.lead import lead_record_id, parse_incoming
 from shared.pipeline.mapping import columns_for
 from shared.runtime.embedded import wait_until
@@ -337,3 +337,41 @@ def test_with_one_lead_per_customer_and_offer_a_later_step_updates_the_first_lea
     description = str(record["description"])
     assert description.count("[step step-plt]") == 1
     assert description.count("[step step-ins]") == 1
+
+
+def test_a_mapped_linked_backlog_costs_at_most_a_fifth_of_a_crm_request_per_lead(
+    stack: ApiStack, simulator: CrmSimulator, org: SimOrg
+) -> None:
+    body = _mapping(simulator, org)
+    for n in range(4):
+        simulator.add_contact(org.name, f"customer{n}@example.com")
+    assert stack.client.put(f"/api/publishers/{org.name}/mapping", json=body, headers=stack.admin()).status_code == 200
+    leads = [
+        OutgoingMessage(
+            body=json.dumps(
+                {
+                    "leadId": f"backlog-{n}",
+                    "publisherId": org.name,
+                    "lead": {
+                        **MARKETPLACE_LEAD,
+                        "UserDetails": {**MARKETPLACE_LEAD["UserDetails"], "Email": f"customer{n % 4}@example.com"},
+                    },
+                }
+            ).encode(),
+            message_id=f"backlog-{n}",
+            application_properties={"publisherId": org.name, "leadId": f"backlog-{n}", "attempt": 1},
+        )
+        for n in range(400)
+    ]
+    stack.services.transport.send(QUEUE_INCOMING, leads)
+    before = simulator.requests(org.name).total
+
+    runtime = stack.services.embedded_runtime().start()
+    try:
+        assert wait_until(lambda: len(simulator.leads(org.name)) == 400, 90)
+    finally:
+        runtime.stop()
+
+    assert all(record["_parentcontactid_value"] for record in simulator.leads(org.name))
+    per_lead = (simulator.requests(org.name).total - before) / 400
+    assert per_lead <= 0.2, f"{per_lead:.3f} CRM requests per lead"

@@ -108,6 +108,7 @@ var stateTables = [
   'publishersettings'
   'replayjobs'
   'ingestids'
+  'scheduledretries'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {

@@ -47,6 +47,7 @@ TABLE_API_KEYS = "apikeys"  # publisher API key records (hashed)
 TABLE_PUBLISHER_SETTINGS = "publishersettings"  # mapping and alert settings
 TABLE_REPLAY_JOBS = "replayjobs"  # dead-letter replay jobs
 TABLE_INGEST_IDS = "ingestids"  # lead ids the ingest endpoint accepted (duplicate answers)
+TABLE_SCHEDULED = "scheduledretries"  # Service Bus sequence numbers of scheduled retries (issue 17)
 STATE_TABLES: tuple[str, ...] = (
     TABLE_DELIVERIES,
     TABLE_CRM_LIMITS,
@@ -54,4 +55,5 @@ STATE_TABLES: tuple[str, ...] = (
     TABLE_PUBLISHER_SETTINGS,
     TABLE_REPLAY_JOBS,
     TABLE_INGEST_IDS,
+    TABLE_SCHEDULED,
 )

@@ -67,6 +67,7 @@ class Recovery:
     """Per-publisher recovery detection and the paced release of its scheduled retries. Thread-safe.
 
     ``key_of`` names the publisher's CRM user (the pacer's key) from what is cached, or None.
+    With ``background`` (the default) a releaser thread runs the rounds, started on first need.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class Recovery:
         probe_interval: float = PROBE_INTERVAL,
         canary_interval: float = CANARY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
     ) -> None:
         self._transport = transport
         self._pacer = pacer
@@ -92,7 +94,8 @@ class Recovery:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._closed = False
+        #: False: no releaser thread; the caller runs :meth:`step` (tests drive rounds by hand).
+        self._closed = not background
         #: Messages released so far, and the most one round released (for tests and the bench).
         self.released = 0
         self.largest_round = 0

@@ -312,7 +312,9 @@ def test_status_shows_how_many_leads_wait_for_a_retry_and_when_the_next_is_due(s
     stack.services.transport.send(
         QUEUE_READY,
         [
-            envelope(b"{}", publisher_id="contoso", lead_id=f"L{n}", attempt=3, scheduled_at=soon + timedelta(minutes=n))
+            envelope(
+                b"{}", publisher_id="contoso", lead_id=f"L{n}", attempt=3, scheduled_at=soon + timedelta(minutes=n)
+            )
             for n in range(2)
         ],
     )

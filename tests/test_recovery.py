@@ -9,6 +9,7 @@ stage runtimes, with a real retry schedule whose later slots are minutes away.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -63,7 +64,7 @@ DELIVERED = _settled(Stage.WRITE_LEAD, Delivered(uuid.uuid4(), created=True))
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> EmbeddedBroker:
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(tmp_path / "broker.db") as broker:
         yield broker
 
@@ -102,7 +103,8 @@ def test_a_delivery_after_crm_failures_releases_the_waiting_retries_at_the_paced
     assert recovery.step() == per_round
     assert broker.scheduled_of("contoso")[0] == 20 - per_round
     # The write queue first, earliest due first.
-    assert [m.message_id for m in broker.receive(QUEUE_READY, 100)] == [f"contoso-leads-ready-{n}.a4" for n in range(10)]
+    released = [m.message_id for m in broker.receive(QUEUE_READY, 100)]
+    assert released == [f"contoso-leads-ready-{n}.a4" for n in range(10)]
     assert recovery.step() == 10
     assert recovery.step() == 0  # nothing left: the release ends
     assert not recovery.releasing("contoso")
@@ -185,7 +187,9 @@ def test_a_delivery_this_process_knows_no_failure_for_probes_for_waiting_retries
     assert recovery.step() == 2
 
 
-def test_the_embedded_broker_releases_only_scheduled_messages_of_that_publisher_and_queue(broker: EmbeddedBroker) -> None:
+def test_the_embedded_broker_releases_only_scheduled_messages_of_that_publisher_and_queue(
+    broker: EmbeddedBroker,
+) -> None:
     _schedule(broker, QUEUE_READY, 2)
     broker.send(QUEUE_READY, [envelope(b"{}", publisher_id="contoso", lead_id="now")])
     locked = broker.receive(QUEUE_READY, 1)  # locked: not scheduled, never released

@@ -204,6 +204,19 @@ def test_the_embedded_broker_releases_only_scheduled_messages_of_that_publisher_
     ]
 
 
+def test_a_deferred_copy_waits_for_its_penalty_or_pacing_and_is_neither_released_nor_counted(
+    broker: EmbeddedBroker,
+) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    broker.send(
+        QUEUE_READY,
+        [envelope(b"{}", publisher_id="contoso", lead_id="paced", attempt=2, deferrals=3, scheduled_at=soon)],
+    )
+
+    assert broker.scheduled_of("contoso") == (0, None)
+    assert broker.release_scheduled(QUEUE_READY, "contoso", 10) == 0
+
+
 def test_a_broker_file_from_before_the_publisher_column_is_migrated_on_open(tmp_path: Path) -> None:
     import sqlite3
 

@@ -714,6 +714,20 @@ def test_a_recorded_message_that_is_no_longer_scheduled_is_forgotten_not_sent(le
     assert ledger_setup.ledger.entries == []
 
 
+def test_a_deferred_copy_is_scheduled_but_not_recorded_for_release(ledger_setup: LedgerSetup) -> None:
+    deferred = OutgoingMessage(
+        body=b"{}",
+        message_id="L1.d2",
+        application_properties={"publisherId": "contoso", "leadId": "L1", "attempt": 1, "deferrals": 2},
+        scheduled_enqueue_time=datetime.now(UTC) + timedelta(seconds=3),
+    )
+
+    ledger_setup.transport.send(QUEUE, [deferred])
+
+    assert [entry[0] for entry in ledger_setup.log] == ["schedule"]
+    assert ledger_setup.ledger.entries == []
+
+
 def test_without_a_ledger_scheduled_sends_stay_plain_sends_and_nothing_is_released(setup: Setup) -> None:
     setup.transport.send(QUEUE, [_retry("L1", datetime.now(UTC) + timedelta(minutes=1))])
 

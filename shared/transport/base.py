@@ -117,8 +117,9 @@ class Transport(Protocol):
         ...
 
     def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
-        """Make up to ``max_messages`` of the publisher's scheduled messages on ``queue`` visible now,
-        earliest due first; returns how many were released. Raises what the broker raises."""
+        """Make up to ``max_messages`` of the publisher's scheduled retries on ``queue`` visible now,
+        earliest due first; returns how many were released. Deferred copies (``deferrals`` set:
+        waiting for a penalty or pacing) are not retries and stay. Raises what the broker raises."""
         ...
 
     def scheduled_of(self, publisher_id: str) -> tuple[int, datetime | None]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import BrokerClosed, DeadLetterReason
-from shared.names import PROP_PUBLISHER_ID, STAGE_QUEUES
+from shared.names import PROP_DEFERRALS, PROP_PUBLISHER_ID, STAGE_QUEUES
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,20 @@ _FILL_PUBLISHER = "UPDATE messages SET publisher = json_extract(properties, ?) W
 _INDEX_PUBLISHER = (
     "CREATE INDEX IF NOT EXISTS messages_publisher ON messages (publisher, queue, state, visible_at)"
 )
-# Scheduled = active, unlocked, not visible yet (a locked message has a lock token; an abandoned or
-# expired-lock one is visible already). ?1 now, ?2 publisher, ?3 queue, ?4 limit.
+# A retry waiting out the backoff = active, unlocked, not visible yet (a locked message has a lock
+# token; an abandoned or expired-lock one is visible already), and not a deferred copy (one that
+# carries the deferrals property waits for a penalty or pacing, not for the CRM to heal).
+# ?1 now, ?2 publisher, ?3 queue, ?4 limit, ?5 JSON path of the deferrals property.
 _RELEASE = (
     "UPDATE messages SET visible_at = ?1 WHERE seq IN (SELECT seq FROM messages WHERE publisher = ?2"
-    " AND queue = ?3 AND state = 0 AND lock_token IS NULL AND visible_at > ?1 ORDER BY visible_at, seq LIMIT ?4)"
+    " AND queue = ?3 AND state = 0 AND lock_token IS NULL AND visible_at > ?1"
+    " AND json_extract(properties, ?5) IS NULL ORDER BY visible_at, seq LIMIT ?4)"
 )
-# ?1 publisher, ?2 now, ?3 the stage queues as a JSON array.
+# ?1 publisher, ?2 now, ?3 the stage queues as a JSON array, ?4 JSON path of the deferrals property.
 _SCHEDULED_OF = (
     "SELECT COUNT(*), MIN(visible_at) FROM messages WHERE publisher = ?1"
     " AND queue IN (SELECT value FROM json_each(?3)) AND state = 0 AND lock_token IS NULL AND visible_at > ?2"
+    " AND json_extract(properties, ?4) IS NULL"
 )
 # Accepted when the id is new, or was last accepted before the window began; otherwise no row changes.
 _DEDUP = (
@@ -175,6 +179,8 @@ _COUNT_PUBLISHER = (
     "SELECT COUNT(*) FROM messages WHERE queue = ? AND state = 0 AND json_extract(properties, ?) = ?"
 )
 _COUNT_DEAD = "SELECT dl_reason, COUNT(*) FROM messages WHERE queue = ? AND state = 1 GROUP BY dl_reason"
+
+_DEFERRALS_PATH = f'$."{PROP_DEFERRALS}"'
 
 #: Prune the duplicate-detection history at most this often (seconds of broker clock).
 _DEDUP_PRUNE_INTERVAL = 60.0
@@ -431,20 +437,26 @@ class EmbeddedBroker:
     # -- releasing scheduled messages (issue 17) ---------------------------------------------------
 
     def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
-        """Bring up to ``max_messages`` of the publisher's scheduled messages on ``queue`` forward to
-        now (earliest due first) by moving their visible time; returns how many. The message keeps
+        """Bring up to ``max_messages`` of the publisher's scheduled retries on ``queue`` forward to
+        now (earliest due first) by moving their visible time; returns how many. Deferred copies
+        (waiting for a penalty or pacing, not for the CRM) are left alone. The message keeps
         its id and attempt: it is the same message, only due sooner. Raises sqlite3.Error."""
         if max_messages < 1:
             return 0
         conn = self._conn()
         with self._transaction(conn):
-            released = conn.execute(_RELEASE, (self._clock(), publisher_id, queue, max_messages)).rowcount
+            released = conn.execute(
+                _RELEASE, (self._clock(), publisher_id, queue, max_messages, _DEFERRALS_PATH)
+            ).rowcount
         self._notify(queue, _ACTIVE, released)
         return int(released)
 
     def scheduled_of(self, publisher_id: str) -> tuple[int, datetime | None]:
-        """The publisher's scheduled messages on the stage queues and the earliest due time."""
-        row = self._conn().execute(_SCHEDULED_OF, (publisher_id, self._clock(), json.dumps(STAGE_QUEUES))).fetchone()
+        """The publisher's scheduled retries (not deferred copies) on the stage queues, and the
+        earliest due time."""
+        row = self._conn().execute(
+            _SCHEDULED_OF, (publisher_id, self._clock(), json.dumps(STAGE_QUEUES), _DEFERRALS_PATH)
+        ).fetchone()
         count = int(row[0] or 0)
         return count, (_utc(row[1]) if count and row[1] is not None else None)
 

@@ -59,7 +59,7 @@ from azure.servicebus.exceptions import (
 from azure.servicebus.management import ServiceBusAdministrationClient
 
 from shared.errors import LeadWriterError
-from shared.names import PROP_PUBLISHER_ID, STAGE_QUEUES
+from shared.names import PROP_DEFERRALS, PROP_PUBLISHER_ID, STAGE_QUEUES
 from shared.pipeline.messages import rescheduled_copy
 from shared.transport.base import (
     LockLost,
@@ -289,7 +289,8 @@ class ServiceBusTransport:
             with lock:
                 numbers = sender.schedule_messages(converted, due)
             publisher = message.application_properties.get(PROP_PUBLISHER_ID)
-            if publisher is not None:
+            # Retries only: a deferred copy waits for a penalty or pacing, not for the CRM to heal.
+            if publisher is not None and not message.application_properties.get(PROP_DEFERRALS):
                 entries += [ScheduledEntry(queue, str(publisher), int(n), due) for n in numbers]
         try:
             self._ledger.record(entries)

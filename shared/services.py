@@ -57,11 +57,10 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     #: Releases a healed CRM's scheduled retries early (issue 17); fed by :meth:`observe`. Its
     #: releaser thread starts on the first recovery and stops in :meth:`close`.
-    recovery: Recovery | None = None
+    recovery: Recovery = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.recovery is None:
-            self.recovery = Recovery(self.transport, self.pipeline.pacer, self.pipeline.throttle_key)
+        self.recovery = Recovery(self.transport, self.pipeline.pacer, self.pipeline.throttle_key)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -101,7 +100,6 @@ class Services:
     def observe(self, settled: Settled) -> None:
         """The settlement observer of every runtime: the status book, the metrics, and recovery
         detection (a healed CRM's waiting retries go early). Raises nothing."""
-        assert self.recovery is not None  # set in __post_init__
         fan_out(self.status.observe, self.metrics.observe, self.recovery.observe)(settled)
 
     def embedded_runtime(
@@ -129,8 +127,7 @@ class Services:
         return self.embedded_runtime()
 
     def close(self) -> None:
-        if self.recovery is not None:
-            self.recovery.close()  # first: it releases through the transport
+        self.recovery.close()  # first: it releases through the transport
         self.status.close()
         self.transport.close()
         self.state.close()

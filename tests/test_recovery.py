@@ -293,7 +293,6 @@ def test_a_healed_crm_gets_every_waiting_lead_long_before_its_backoff_slot(
 @e2e
 def test_a_healed_crm_is_found_by_a_canary_when_no_new_lead_arrives(simulator: CrmSimulator, tmp_path: Path) -> None:
     with running(simulator, tmp_path, LEADWRITER_RETRY_SCHEDULE=SCHEDULE) as h:
-        assert h.services.recovery is not None
         h.services.recovery.canary_interval = 1.0
         publisher = h.publisher()
         total = 20
@@ -311,7 +310,6 @@ def test_a_half_healed_crm_gets_its_backlog_at_the_paced_rate_and_no_lead_is_los
 ) -> None:
     with running(simulator, tmp_path, LEADWRITER_RETRY_SCHEDULE=SCHEDULE) as h:
         recovery = h.services.recovery
-        assert recovery is not None
         recovery.canary_interval = 1.0
         publisher = h.publisher()
         total = 40

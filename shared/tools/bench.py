@@ -724,8 +724,8 @@ def run_heal(sim: SimulatorProcess, scenario: Scenario, *, data_dir: Path, timeo
         "waiting_for_retry_at_heal": waiting,
         "next_slot_seconds_at_heal": round(next_slot, 1) if next_slot is not None else None,
         "heal_to_last_delivered_seconds": round(heal_to_last, 2) if delivered >= total else None,
-        "released_early": recovery.released if recovery is not None else 0,
-        "largest_release_round": recovery.largest_round if recovery is not None else 0,
+        "released_early": recovery.released,
+        "largest_release_round": recovery.largest_round,
         "throttled": int(log["throttled"]) - int(log_before["throttled"]),
         "requests_during_penalty": int(log["during_penalty"]) - int(log_before["during_penalty"]),
     }

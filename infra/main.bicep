@@ -110,6 +110,7 @@ var stateTables = [
   'ingestids'
   'leadjourneys'
   'deadletterarchive'
+  'scheduledretries'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {

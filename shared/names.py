@@ -47,6 +47,7 @@ TABLE_REPLAY_JOBS = "replayjobs"  # dead-letter replay jobs
 TABLE_INGEST_IDS = "ingestids"  # lead ids the ingest endpoint accepted (duplicate answers)
 TABLE_LEAD_JOURNEYS = "leadjourneys"  # every settlement of a lead (GET /api/leads/{leadId}, leadwriter trace)
 TABLE_DEAD_LETTER_ARCHIVE = "deadletterarchive"  # archived (discarded) dead letters, restorable for a while
+TABLE_SCHEDULED = "scheduledretries"  # scheduled retries, released early when a CRM heals
 STATE_TABLES: tuple[str, ...] = (
     TABLE_DELIVERIES,
     TABLE_CRM_LIMITS,
@@ -56,4 +57,5 @@ STATE_TABLES: tuple[str, ...] = (
     TABLE_INGEST_IDS,
     TABLE_LEAD_JOURNEYS,
     TABLE_DEAD_LETTER_ARCHIVE,
+    TABLE_SCHEDULED,
 )

@@ -26,12 +26,14 @@ from shared.ops.telemetry import Metrics, configure_telemetry, fan_out
 from shared.pipeline.identity import SeenIds, StateSeenIds
 from shared.pipeline.mapping_store import StateMappingStore
 from shared.pipeline.pipeline import Pipeline
+from shared.pipeline.recovery import Recovery
 from shared.pipeline.settle import Settled
 from shared.secretstore import make_secret_store
 from shared.secretstore.base import ConnectionStore, SecretStore
 from shared.settings import Settings
 from shared.state import make_state_store
 from shared.state.base import StateStore
+from shared.state.scheduled import StateScheduledRetries
 from shared.transport import make_transport
 from shared.transport.base import Transport
 
@@ -60,6 +62,12 @@ class Services:
     alerts: AlertService
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
+    #: Releases a healed CRM's scheduled retries early (issue 17); fed by :meth:`observe`. Its
+    #: releaser thread starts on the first recovery and stops in :meth:`close`.
+    recovery: Recovery = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recovery = Recovery(self.transport, self.pipeline.pacer, self.pipeline.throttle_key)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -73,7 +81,9 @@ class Services:
         # (Table Storage), at most once a second per CRM user.
         refresh = 1.0 if settings.state_backend == "tables" else 0.0
         penalties = Penalties(StatePenaltyStore(state, refresh_interval=refresh))
-        transport = make_transport(settings)
+        # Service Bus cannot list scheduled messages: it records their sequence numbers in the state
+        # store, so a healed CRM's retries can be released early (issue 17).
+        transport = make_transport(settings, ledger=StateScheduledRetries(state))
         return cls(
             settings=settings,
             transport=transport,
@@ -97,12 +107,12 @@ class Services:
     def pacer(self) -> Pacer:
         return self.pipeline.pacer
 
-
-
     def observe(self, settled: Settled) -> None:
-        """The settlement observer of every runtime: the status book, the metrics, the journeys and the
-        alerts. Raises nothing."""
-        fan_out(self.status.observe, self.metrics.observe, self.journeys.observe, self.alerts.observe)(settled)
+        """The settlement observer of every runtime: the status book, the metrics, the journeys, the
+        alerts and recovery detection (a healed CRM's waiting retries go early). Raises nothing."""
+        fan_out(
+            self.status.observe, self.metrics.observe, self.journeys.observe, self.alerts.observe, self.recovery.observe
+        )(settled)
 
     def embedded_runtime(
         self, *, concurrency: int | None = None, publisher_concurrency: int | None = None
@@ -129,6 +139,7 @@ class Services:
         return self.embedded_runtime()
 
     def close(self) -> None:
+        self.recovery.close()  # first: it releases through the transport
         self.status.close()
         self.journeys.close()
         self.alerts.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from shared.api.routes_publishers import PublisherCounter
 from shared.names import QUEUE_INCOMING, QUEUE_READY, QUEUE_VALIDATED, STAGE_QUEUES
 from shared.pipeline.lead import parse_incoming
+from shared.pipeline.messages import envelope
 from shared.runtime.embedded import wait_until
 from shared.transport.base import Transport
 from tests.fixtures.api import MARKETPLACE_LEAD, ApiStack, api_stack
@@ -307,3 +309,25 @@ def test_stats_show_queue_depths_dead_letters_by_reason_and_publishers_failing_o
     assert failing["publisherId"] == "nocreds"
     assert failing["consecutiveConfigFailures"] == 1
     assert failing["lastErrorReason"] == "CredentialsMissing"
+
+
+def test_status_shows_how_many_leads_wait_for_a_retry_and_when_the_next_is_due(stack: ApiStack) -> None:
+    key = stack.key_for("contoso")
+    soon = datetime.now(UTC) + timedelta(minutes=1)
+    stack.services.transport.send(
+        QUEUE_READY,
+        [
+            envelope(
+                b"{}", publisher_id="contoso", lead_id=f"L{n}", attempt=3, scheduled_at=soon + timedelta(minutes=n)
+            )
+            for n in range(2)
+        ],
+    )
+
+    status = stack.client.get("/api/publishers/contoso/status", headers=stack.bearer(key)).json()
+
+    assert status["waitingForRetry"] == 2
+    assert datetime.fromisoformat(status["nextRetryAt"]) == pytest.approx(soon, abs=timedelta(seconds=1))
+    other = stack.client.get("/api/publishers/fabrikam/status", headers=stack.bearer(stack.key_for("fabrikam")))
+    assert other.json()["waitingForRetry"] == 0
+    assert other.json()["nextRetryAt"] is None

@@ -99,3 +99,21 @@ def test_with_one_publisher_throttled_the_others_are_delivered_and_nothing_is_se
 
 def test_an_unknown_scenario_is_refused() -> None:
     assert run_bench(scenario="nonsense") == 2
+
+
+def test_the_heal_scenario_reports_heal_to_last_lead_delivered() -> None:
+    small = replace(SCENARIOS["heal"], leads=20, latency=0.0)
+
+    report = run_scenario(small)
+
+    ours = report["leadwriter"]
+    assert ours["delivered"] == ours["leads"] == 21, "the waiting leads and the one that showed the heal"
+    assert ours["waiting_for_retry_at_heal"] == 20
+    assert ours["next_slot_seconds_at_heal"] >= small.heal_after_slot
+    assert ours["heal_to_last_delivered_seconds"] is not None
+    assert ours["heal_to_last_delivered_seconds"] < ours["next_slot_seconds_at_heal"], "not at their slots"
+    assert ours["requests_during_penalty"] == 0
+    assert {t["name"] for t in report["targets"]} == {
+        "heal → last lead delivered (s)",
+        "requests to the CRM during a penalty",
+    }

@@ -346,8 +346,8 @@ BROKEN_VARIANTS: list[tuple[str, str, str, str, Check, str]] = [
     (
         "state_tables_drift_from_names_py",
         "infra/main.bicep",
-        "  'deadletterarchive'\n]",
-        "  'deadletterarchives'\n]",
+        "  'scheduledretries'\n]",
+        "  'scheduled'\n]",
         checks.check_tables,
         "STATE_TABLES",
     ),

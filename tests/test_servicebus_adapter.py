@@ -10,7 +10,7 @@ they record calls and raise the SDK's own exceptions; they do not pretend to be 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -39,6 +39,7 @@ from shared.transport import (
     Transport,
     make_transport,
 )
+from shared.transport.base import ScheduledEntry
 from shared.transport.servicebus import (
     MIN_RECEIVE_WAIT,
     ServiceBusTransport,
@@ -566,3 +567,170 @@ def test_stats_count_by_peeking_when_the_identity_lacks_the_manage_right() -> No
     assert stats.dead_lettered == 5
     assert dict(stats.dead_lettered_by_reason) == {"InvalidLead": 3, "RetriesExhausted": 2}
     assert stats.active + stats.scheduled == 5, "the fake answers every peek with the same five messages"
+
+
+# -- scheduled retries, recorded and released early (issue 17) -------------------------------------
+
+
+class MemoryLedger:
+    """A ScheduleLedger in a list (the state-store one is tested in tests/test_recovery.py)."""
+
+    def __init__(self) -> None:
+        self.entries: list[ScheduledEntry] = []
+
+    def record(self, entries: Sequence[ScheduledEntry]) -> None:
+        self.entries += entries
+
+    def waiting(self, publisher_id: str, *, queue: str | None = None, after: datetime) -> list[ScheduledEntry]:
+        found = [
+            e for e in self.entries
+            if e.publisher_id == publisher_id and (queue is None or e.queue == queue) and e.due > after
+        ]
+        return sorted(found, key=lambda e: e.due)
+
+    def forget(self, entries: Sequence[ScheduledEntry]) -> None:
+        self.entries = [e for e in self.entries if e not in entries]
+
+
+class SchedulingSender(FakeSender):
+    """Answers schedule_messages with sequence numbers, as the SDK does, and records cancels."""
+
+    next_sequence = 100
+
+    def __init__(self, queue: str, batch_size: int, log: list[tuple[Any, ...]]) -> None:
+        super().__init__(queue, batch_size)
+        self.log = log
+
+    def send_messages(self, message: ServiceBusMessage | ServiceBusMessageBatch) -> None:
+        super().send_messages(message)
+        self.log.append(("send", message))
+
+    def schedule_messages(self, message: ServiceBusMessage, schedule_time_utc: datetime) -> list[int]:
+        SchedulingSender.next_sequence += 1
+        self.log.append(("schedule", message, schedule_time_utc, SchedulingSender.next_sequence))
+        return [SchedulingSender.next_sequence]
+
+    def cancel_scheduled_messages(self, sequence_numbers: int) -> None:
+        self.log.append(("cancel", sequence_numbers))
+
+
+@dataclass
+class LedgerSetup:
+    transport: ServiceBusTransport
+    client: FakeClient
+    ledger: MemoryLedger
+    log: list[tuple[Any, ...]]
+
+
+@pytest.fixture
+def ledger_setup() -> LedgerSetup:
+    client = FakeClient()
+    log: list[tuple[Any, ...]] = []
+    client.get_queue_sender = lambda queue: SchedulingSender(queue, client.batch_size, log)  # type: ignore[method-assign]
+    ledger = MemoryLedger()
+    transport = ServiceBusTransport(
+        NAMESPACE, cast(TokenCredential, FakeCredential()), client=cast(ServiceBusClient, client), ledger=ledger
+    )
+    return LedgerSetup(transport, client, ledger, log)
+
+
+def _retry(lead: str, due: datetime, publisher: str = "contoso") -> OutgoingMessage:
+    return OutgoingMessage(
+        body=b"{}",
+        message_id=f"{lead}.a3",
+        application_properties={"publisherId": publisher, "leadId": lead, "attempt": 3},
+        scheduled_enqueue_time=due,
+    )
+
+
+def test_a_scheduled_send_goes_through_schedule_messages_and_its_sequence_number_is_recorded(
+    ledger_setup: LedgerSetup,
+) -> None:
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    now_message = OutgoingMessage(body=b"{}", message_id="L9", application_properties={"publisherId": "contoso"})
+
+    ledger_setup.transport.send(QUEUE, [_retry("L1", due), now_message])
+
+    kinds = [entry[0] for entry in ledger_setup.log]
+    assert kinds == ["schedule", "send"]
+    _, scheduled, when, sequence = ledger_setup.log[0]
+    assert scheduled.message_id == "L1.a3"
+    assert when == due
+    assert ledger_setup.ledger.entries == [ScheduledEntry(QUEUE, "contoso", sequence, due)]
+    assert ledger_setup.transport.scheduled_of("contoso") == (1, due)
+
+
+def test_release_sends_a_copy_with_a_new_id_before_it_cancels_the_scheduled_original(
+    ledger_setup: LedgerSetup,
+) -> None:
+    soon, later = datetime.now(UTC) + timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=5)
+    ledger_setup.transport.send(QUEUE, [_retry("L2", later)])
+    ledger_setup.transport.send(QUEUE, [_retry("L1", soon)])
+    first, second = (entry[3] for entry in ledger_setup.log)
+
+    def prepare(receiver: FakeReceiver) -> None:
+        # What a peek by sequence number finds: the scheduled originals.
+        receiver.dead_letters = [
+            sdk_message(
+                receiver,
+                message_id=f"{lead}.a3",
+                sequence_number=number,
+                properties={"publisherId": "contoso", "leadId": lead, "attempt": 3},
+                peeked=True,
+                state=2,
+            )
+            for lead, number in (("L2", first), ("L1", second))
+        ]
+
+    ledger_setup.client.prepare = prepare
+    ledger_setup.log.clear()
+
+    released = ledger_setup.transport.release_scheduled(QUEUE, "contoso", 1)
+
+    assert released == 1
+    # Earliest due first (L1), the copy sent before the original is cancelled.
+    assert [entry[0] for entry in ledger_setup.log] == ["send", "cancel"]
+    copy = ledger_setup.log[0][1]
+    assert copy.message_id == "L1.a3.d1"
+    assert copy.scheduled_enqueue_time_utc is None
+    assert decode_properties(copy.application_properties)["attempt"] == 3  # no attempt spent
+    assert ledger_setup.log[1] == ("cancel", second)
+    assert ledger_setup.transport.scheduled_of("contoso") == (1, later)
+
+
+def test_a_recorded_message_that_is_no_longer_scheduled_is_forgotten_not_sent(ledger_setup: LedgerSetup) -> None:
+    ledger_setup.transport.send(QUEUE, [_retry("L1", datetime.now(UTC) + timedelta(minutes=1))])
+    sequence = ledger_setup.log[0][3]
+
+    def prepare(receiver: FakeReceiver) -> None:
+        # It fell due and was received meanwhile: the peek finds the next message, not this one.
+        receiver.dead_letters = [sdk_message(receiver, sequence_number=sequence + 5, peeked=True, state=2)]
+
+    ledger_setup.client.prepare = prepare
+    ledger_setup.log.clear()
+
+    assert ledger_setup.transport.release_scheduled(QUEUE, "contoso", 5) == 0
+    assert ledger_setup.log == []
+    assert ledger_setup.ledger.entries == []
+
+
+def test_a_deferred_copy_is_scheduled_but_not_recorded_for_release(ledger_setup: LedgerSetup) -> None:
+    deferred = OutgoingMessage(
+        body=b"{}",
+        message_id="L1.d2",
+        application_properties={"publisherId": "contoso", "leadId": "L1", "attempt": 1, "deferrals": 2},
+        scheduled_enqueue_time=datetime.now(UTC) + timedelta(seconds=3),
+    )
+
+    ledger_setup.transport.send(QUEUE, [deferred])
+
+    assert [entry[0] for entry in ledger_setup.log] == ["schedule"]
+    assert ledger_setup.ledger.entries == []
+
+
+def test_without_a_ledger_scheduled_sends_stay_plain_sends_and_nothing_is_released(setup: Setup) -> None:
+    setup.transport.send(QUEUE, [_retry("L1", datetime.now(UTC) + timedelta(minutes=1))])
+
+    assert len(setup.client.senders[0].sent) == 1
+    assert setup.transport.release_scheduled(QUEUE, "contoso", 5) == 0
+    assert setup.transport.scheduled_of("contoso") == (0, None)

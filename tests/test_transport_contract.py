@@ -192,6 +192,28 @@ def test_scheduled_time_in_the_past_is_visible_at_once(harness: Harness) -> None
     assert receive_one(harness.transport).message_id == "now"
 
 
+def test_release_scheduled_brings_a_publishers_earliest_retries_forward_and_counts_the_rest(
+    harness: Harness,
+) -> None:
+    due = harness.now() + timedelta(minutes=5)
+    harness.transport.send(
+        QUEUE, [outgoing(f"retry-{n}", scheduled_enqueue_time=due + timedelta(seconds=10 - n)) for n in range(3)]
+    )
+    assert harness.transport.scheduled_of("contoso") == (3, due + timedelta(seconds=8))
+
+    assert harness.transport.release_scheduled(QUEUE, "someone-else", 5) == 0
+    assert harness.transport.release_scheduled(QUEUE, "contoso", 2) == 2
+
+    released = harness.transport.receive(QUEUE, max_messages=10)
+    assert sorted(m.message_id for m in released) == ["retry-1", "retry-2"]
+    for message in released:
+        harness.transport.complete(message)
+    assert harness.transport.scheduled_of("contoso") == (1, due + timedelta(seconds=10))
+    harness.advance(300 + 10)
+    assert receive_one(harness.transport).message_id == "retry-0"
+    assert harness.transport.scheduled_of("contoso") == (0, None)
+
+
 def test_duplicate_message_id_within_the_window_is_dropped_silently(harness: Harness) -> None:
     harness.transport.send(QUEUE, [outgoing("dup", body=b"first")])
     harness.advance(DUPLICATE_WINDOW - 1)

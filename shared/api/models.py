@@ -264,6 +264,8 @@ class PublisherStatusAnswer(ApiModel):
                         "at": "2026-12-01T21:40:00Z",
                     },
                     "consecutiveConfigFailures": 3,
+                    "waitingForRetry": 2,
+                    "nextRetryAt": "2026-12-01T22:03:00Z",
                     "connection": {"stored": True, "verified": True},
                 }
             ]
@@ -286,6 +288,14 @@ class PublisherStatusAnswer(ApiModel):
         "0 after a delivery."
     )
     connection: ConnectionState = Field(description="The stored connection.")
+    waiting_for_retry: int | None = Field(
+        default=None,
+        description="Leads waiting out the retry schedule after a transient CRM failure (released early, at the "
+        "paced rate, once the CRM answers successes again). Null when the queue backend cannot tell.",
+    )
+    next_retry_at: str | None = Field(
+        default=None, description="When the next of them is due (ISO 8601, UTC); null when none waits."
+    )
 
 
 # -- ingest ----------------------------------------------------------------------------------------

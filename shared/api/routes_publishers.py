@@ -318,6 +318,7 @@ def publisher_status(
         pending = {queue: transport.pending_count(queue, publisher_id) for queue in STAGE_QUEUES}
     else:
         note = "this queue backend cannot count one publisher's messages; see GET /api/stats for queue depths"
+    waiting, next_due = transport.scheduled_of(publisher_id)
     connection = services.connections.get(publisher_id)
     verification = connection.verification if connection else None
     last_error = (
@@ -335,6 +336,8 @@ def publisher_status(
         dead_letters_total=len(items),
         last_error=last_error,
         consecutive_config_failures=status.consecutive_config_failures,
+        waiting_for_retry=waiting,
+        next_retry_at=next_due.isoformat() if next_due is not None else None,
         connection=ConnectionState(
             stored=connection is not None,
             verified=bool(verification and verification.ok),

@@ -134,6 +134,13 @@ class Pipeline:
             return 0.0, self.settings.max_batch
         return self.pacer.room(client.throttle_key)
 
+    def throttle_key(self, publisher_id: str) -> str | None:
+        """The pacer's key (CRM user) of the publisher's client, from what is cached only (None when
+        this process holds no client for it yet): what :mod:`shared.pipeline.recovery` paces by."""
+        connection = self._connection_cache.get(publisher_id)
+        client = self._clients.get(connection.fingerprint()) if connection is not None else None
+        return client.throttle_key if client is not None else None
+
     def mapping(self, publisher_id: str) -> ValidatedMapping | None:
         """The publisher's mapping (cached like a connection); None: the default mapping."""
         if self.mappings is None:

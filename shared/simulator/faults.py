@@ -36,6 +36,10 @@ class Faults:
         #: Chaos: (cumulative probability, fault) per kind, drawn for every request no queued fault takes.
         self._chaos: list[tuple[float, Fault]] = []
         self._random = random.Random()
+        #: Every ``_every``-th request with no queued fault fails with ``_every_status`` (0: off).
+        self._every = 0
+        self._every_status = 503
+        self._every_count = 0
 
     @property
     def latency(self) -> float:
@@ -64,6 +68,17 @@ class Faults:
         if not 400 <= status <= 599:
             raise ValueError("fail_next needs an error status (4xx or 5xx)")
         self._add(n, Fault("fail", status=status))
+
+    def fail_one_in(self, n: int, status: int = 503) -> None:
+        """From now on, fail one CRM request in ``n`` (when no queued fault applies) with ``status``: a
+        half-healed CRM. ``n`` = 0 turns it off. Raises ValueError for a negative ``n`` or a status
+        that is not 4xx/5xx."""
+        if n < 0:
+            raise ValueError("n must not be negative")
+        if not 400 <= status <= 599:
+            raise ValueError("fail_one_in needs an error status (4xx or 5xx)")
+        with self._lock:
+            self._every, self._every_status, self._every_count = n, status, 0
 
     def hang_next(self, n: int, seconds: float) -> None:
         """Stall the next ``n`` CRM requests for ``seconds`` before handling them (the client times out,
@@ -142,6 +157,7 @@ class Faults:
             self._queue.clear()
             self._token.clear()
             self._chaos = []
+            self._every = self._every_count = 0
 
     def take(self, *, authenticated: bool = True) -> Fault | None:
         """The fault for the request that just arrived, if any (consumes it).
@@ -156,6 +172,10 @@ class Faults:
                 for limit, fault in self._chaos:
                     if draw < limit:
                         return fault
+            if self._every and authenticated:
+                self._every_count += 1
+                if self._every_count % self._every == 0:
+                    return Fault("fail", status=self._every_status)
             return None
 
     def take_token_failure(self) -> int | None:

@@ -9,9 +9,10 @@ time), as a ratio. Figures are measured, never asserted: machines are shared and
 
 Scenarios (``leadwriter bench --scenario NAME``) set the run up for one performance target each and
 report that target's figure next to it (see BENCHMARKS.md): ``throughput`` (the default run),
-``nobatch``, ``limits``, ``overhead``, ``isolation`` and ``memory``. Options given on the command line
-override the scenario's values. ``--json`` prints every figure, the scenario and the targets, so that
-runs can be compared across commits.
+``nobatch``, ``limits``, ``overhead``, ``isolation``, ``memory`` and ``heal`` (a CRM down until its
+leads wait for retry slots a minute or more away, then healed: "heal → last lead delivered").
+Options given on the command line override the scenario's values. ``--json`` prints every figure, the
+scenario and the targets, so that runs can be compared across commits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, Literal
@@ -137,6 +139,13 @@ class SimulatorProcess:
 
     def token_requests(self) -> int:
         return int(self._get("token-requests")["count"])
+
+    def faults(self, org: str, body: dict[str, Any]) -> None:
+        """POST ``body`` to ``org``'s fault settings (``fail_next``, ``clear`` …, see simulator.admin)."""
+        response = self._session.post(
+            f"{self.info.authority_host}/_simulator/orgs/{org}/faults", json=body, timeout=30, verify=self.info.ca_path
+        )
+        response.raise_for_status()
 
     def throttle_next(self, org: str, n: int, retry_after: float) -> None:
         """Make the next ``n`` CRM requests of ``org`` answer 429 with a ``retry_after`` penalty."""
@@ -448,7 +457,7 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
 
 # --- scenarios ---------------------------------------------------------------------------------------
 
-ScenarioName = Literal["throughput", "nobatch", "limits", "overhead", "isolation", "memory"]
+ScenarioName = Literal["throughput", "nobatch", "limits", "overhead", "isolation", "memory", "heal"]
 
 
 @dataclass(frozen=True)
@@ -468,6 +477,8 @@ class Scenario:
     window_seconds: float = 300.0
     max_batch: int = MAX_BATCH
     throttled_retry_after: float = 0.0
+    #: heal: the CRM answers 503 until every lead waits for a slot at least this far away, then heals.
+    heal_after_slot: float = 0.0
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -515,6 +526,12 @@ SCENARIOS: dict[str, Scenario] = {
             throttled_retry_after=600.0,
         ),
         Scenario("memory", "10,000 leads in flight over 10 publishers: peak RSS", 10_000, publishers=10),
+        Scenario(
+            "heal",
+            "500 leads, the CRM down (503) until each waits for its 1 min slot, then healed: heal → last delivered",
+            500,
+            heal_after_slot=30.0,
+        ),
     )
 }
 
@@ -564,6 +581,11 @@ def _targets(scenario: Scenario, result: dict[str, Any]) -> list[Target]:
         ]
     if name == "memory":
         return [Target("peak RSS MB at 10,000 leads in flight", ours["peak_rss_mb"], "<=", 200.0)]
+    if name == "heal":
+        return [
+            Target("heal → last lead delivered (s)", ours["heal_to_last_delivered_seconds"], "<=", 60.0),
+            Target("requests to the CRM during a penalty", ours["requests_during_penalty"], "<=", 0),
+        ]
     return []
 
 
@@ -606,7 +628,10 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
                 "concurrency": concurrency,
                 "timeout": max(600.0, scenario.leads / 2),
             }
-            if scenario.throttled_retry_after > 0:
+            if scenario.heal_after_slot > 0:
+                _status(f"[heal] {scenario.leads} leads, the CRM down until each waits a minute, then healed")
+                result["leadwriter"] = run_heal(sim, scenario, data_dir=Path(tmp) / "leadwriter")
+            elif scenario.throttled_retry_after > 0:
                 result.update(_run_isolation(sim, scenario, Path(tmp), common))
             else:
                 _status(
@@ -637,6 +662,75 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
             sim.stop()
     result["targets"] = [{**asdict(t), "met": t.met} for t in _targets(scenario, result)]
     return result
+
+
+def run_heal(sim: SimulatorProcess, scenario: Scenario, *, data_dir: Path, timeout: float = 900.0) -> dict[str, Any]:
+    """The heal scenario: the first publisher's CRM answers 503 to everything until each of its leads
+    has spent the short retries of the default schedule and waits for a slot ``heal_after_slot`` s or
+    more away; then it heals and one new lead arrives. Figures: how long the CRM was down, how many
+    leads waited and how far away their next slot was, and heal → last lead delivered."""
+    org = next(iter(sim.apps))
+    settings = Settings.from_env(
+        {
+            "LEADWRITER_DATA_DIR": str(data_dir),
+            "LEADWRITER_CRM_ALLOWED_HOSTS": f"{sim.info.host}:*",
+            "AZURE_AUTHORITY_HOST": sim.info.authority_host,
+            "REQUESTS_CA_BUNDLE": sim.info.ca_path,
+            "LEADWRITER_LOG_LEVEL": "WARNING",
+        }
+    )
+    services = Services.from_settings(settings)
+    services.connections.put(org, sim.connection(org))
+    log_before = sim.request_log(org)
+    before = sim.leads(org)
+    sim.faults(org, {"fail_next": {"n": 10_000_000, "status": 503}})
+    runtime = services.embedded_runtime().start()
+    try:
+        down_at = time.monotonic()
+        messages = [_message(org, n, "heal") for n in range(scenario.leads)]
+        services.transport.send(
+            QUEUE_INCOMING,
+            [envelope(json.dumps(m).encode(), publisher_id=org, lead_id=str(m["leadId"])) for m in messages],
+        )
+        deadline = down_at + timeout
+        waiting, next_due = 0, None
+        while time.monotonic() < deadline:
+            waiting, next_due = services.transport.scheduled_of(org)
+            far = next_due is not None and (next_due - datetime.now(UTC)).total_seconds() >= scenario.heal_after_slot
+            if waiting == scenario.leads and far:
+                break
+            time.sleep(0.25)  # polling the broker for the set-up, not waiting for a result
+        next_slot = (next_due - datetime.now(UTC)).total_seconds() if next_due is not None else None
+        sim.faults(org, {"clear": True})
+        healed_at = time.monotonic()
+        fresh = _message(org, scenario.leads, "heal")
+        services.transport.send(
+            QUEUE_INCOMING, [envelope(json.dumps(fresh).encode(), publisher_id=org, lead_id=str(fresh["leadId"]))]
+        )
+        total = scenario.leads + 1
+        delivered = sim.leads(org) - before
+        while delivered < total and time.monotonic() < healed_at + timeout:
+            time.sleep(0.1)  # polling the simulator's count
+            delivered = sim.leads(org) - before
+        heal_to_last = time.monotonic() - healed_at
+    finally:
+        runtime.stop()
+    log = sim.request_log(org)
+    recovery = services.recovery
+    figures = {
+        "leads": total,
+        "delivered": delivered,
+        "down_seconds": round(healed_at - down_at, 1),
+        "waiting_for_retry_at_heal": waiting,
+        "next_slot_seconds_at_heal": round(next_slot, 1) if next_slot is not None else None,
+        "heal_to_last_delivered_seconds": round(heal_to_last, 2) if delivered >= total else None,
+        "released_early": recovery.released,
+        "largest_release_round": recovery.largest_round,
+        "throttled": int(log["throttled"]) - int(log_before["throttled"]),
+        "requests_during_penalty": int(log["during_penalty"]) - int(log_before["during_penalty"]),
+    }
+    services.close()
+    return figures
 
 
 def _limits_figures(scenario: Scenario, ours: RunFigures) -> dict[str, Any]:

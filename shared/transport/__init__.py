@@ -16,6 +16,7 @@ from shared.transport.base import (
     PropertyValue,
     QueueStats,
     ReceivedMessage,
+    ScheduleLedger,
     Transport,
 )
 from shared.transport.embedded import EmbeddedBroker
@@ -45,13 +46,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_transport(settings: Settings) -> Transport:
+def make_transport(settings: Settings, *, ledger: ScheduleLedger | None = None) -> Transport:
     """Build the transport ``settings.queue_backend`` names.
 
     ``embedded``: an :class:`EmbeddedBroker` on ``<data_dir>/broker.db`` (the directory is created).
     ``servicebus``: a :class:`ServiceBusTransport` on ``settings.servicebus_namespace`` with
     ``DefaultAzureCredential`` (managed identity in Azure). Raises ConfigurationError when the
-    namespace is missing (from Settings), OSError when the data dir cannot be created.
+    namespace is missing (from Settings), OSError when the data dir cannot be created. ``ledger``
+    keeps Service Bus's scheduled sequence numbers so they can be released early (the embedded
+    broker needs none: it moves the visible time).
     """
     if settings.queue_backend == "servicebus":
         from azure.identity import DefaultAzureCredential
@@ -60,7 +63,7 @@ def make_transport(settings: Settings) -> Transport:
 
         # Settings refuse a servicebus backend without a namespace (the one place that checks it).
         assert settings.servicebus_namespace is not None
-        return ServiceBusTransport(settings.servicebus_namespace, DefaultAzureCredential())
+        return ServiceBusTransport(settings.servicebus_namespace, DefaultAzureCredential(), ledger=ledger)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return EmbeddedBroker(
         settings.data_dir / BROKER_FILE,

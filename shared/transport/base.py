@@ -13,6 +13,8 @@ Semantics every adapter keeps:
 - Duplicate detection: a message id sent again within the window is accepted and silently dropped.
 - Dead letters keep body, message id and application properties, plus ``dead_letter_reason`` and
   ``dead_letter_description``; they are read from the queue's dead-letter sub-queue.
+- ``release_scheduled`` brings a publisher's scheduled (not yet visible) messages forward to now,
+  earliest due first (when its CRM heals: issue 17); ``scheduled_of`` counts what still waits.
 """
 
 from __future__ import annotations
@@ -114,5 +116,42 @@ class Transport(Protocol):
         """Active, scheduled and dead-lettered counts of a queue."""
         ...
 
+    def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
+        """Make up to ``max_messages`` of the publisher's scheduled retries on ``queue`` visible now,
+        earliest due first; returns how many were released. Deferred copies (``deferrals`` set:
+        waiting for a penalty or pacing) are not retries and stay. Raises what the broker raises."""
+        ...
+
+    def scheduled_of(self, publisher_id: str) -> tuple[int, datetime | None]:
+        """How many of the publisher's messages wait scheduled (for a retry) on the stage queues, and
+        when the next one is due (None: none waits). Raises what the broker raises."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
+
+
+@dataclass(frozen=True)
+class ScheduledEntry:
+    """A scheduled message as the Service Bus adapter records it (Service Bus cannot list them)."""
+
+    queue: str
+    publisher_id: str
+    sequence_number: int
+    due: datetime
+
+
+class ScheduleLedger(Protocol):
+    """Where the Service Bus adapter keeps the sequence numbers of what it scheduled, so they can be
+    released (sent again, then cancelled) when the CRM heals. Wired to the state store by the
+    composition root (``shared.state.scheduled``)."""
+
+    def record(self, entries: Sequence[ScheduledEntry]) -> None:
+        """Remember scheduled messages. Raises StateUnavailable."""
+
+    def waiting(self, publisher_id: str, *, queue: str | None = None, after: datetime) -> list[ScheduledEntry]:
+        """The publisher's entries due after ``after`` (on ``queue`` when given), earliest first."""
+        ...
+
+    def forget(self, entries: Sequence[ScheduledEntry]) -> None:
+        """Drop entries (released, cancelled, or found gone)."""

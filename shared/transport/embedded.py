@@ -37,7 +37,7 @@ from typing import Any
 
 from shared import datadir
 from shared.errors import BrokerClosed, DeadLetterReason
-from shared.names import PROP_PUBLISHER_ID
+from shared.names import PROP_DEFERRALS, PROP_PUBLISHER_ID, STAGE_QUEUES
 from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,29 @@ _MOVE_TO_DEAD = (
 )
 _INSERT = (
     "INSERT INTO messages (queue, state, message_id, body, properties, content_type, enqueued_at,"
-    " visible_at, expires_at) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?)"
+    " visible_at, expires_at, publisher) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The publisher id property in a column of its own (issue 17: a healed CRM's scheduled retries are
+# found by publisher). Added to files made before it, and filled from the properties, on open.
+_ADD_PUBLISHER = "ALTER TABLE messages ADD COLUMN publisher TEXT"
+_FILL_PUBLISHER = "UPDATE messages SET publisher = json_extract(properties, ?) WHERE publisher IS NULL"
+_INDEX_PUBLISHER = (
+    "CREATE INDEX IF NOT EXISTS messages_publisher ON messages (publisher, queue, state, visible_at)"
+)
+# A retry waiting out the backoff = active, unlocked, not visible yet (a locked message has a lock
+# token; an abandoned or expired-lock one is visible already), and not a deferred copy (one that
+# carries the deferrals property waits for a penalty or pacing, not for the CRM to heal).
+# ?1 now, ?2 publisher, ?3 queue, ?4 limit, ?5 JSON path of the deferrals property.
+_RELEASE = (
+    "UPDATE messages SET visible_at = ?1 WHERE seq IN (SELECT seq FROM messages WHERE publisher = ?2"
+    " AND queue = ?3 AND state = 0 AND lock_token IS NULL AND visible_at > ?1"
+    " AND json_extract(properties, ?5) IS NULL ORDER BY visible_at, seq LIMIT ?4)"
+)
+# ?1 publisher, ?2 now, ?3 the stage queues as a JSON array, ?4 JSON path of the deferrals property.
+_SCHEDULED_OF = (
+    "SELECT COUNT(*), MIN(visible_at) FROM messages WHERE publisher = ?1"
+    " AND queue IN (SELECT value FROM json_each(?3)) AND state = 0 AND lock_token IS NULL AND visible_at > ?2"
+    " AND json_extract(properties, ?4) IS NULL"
 )
 # Accepted when the id is new, or was last accepted before the window began; otherwise no row changes.
 _DEDUP = (
@@ -159,6 +181,8 @@ _COUNT_PUBLISHER = (
 )
 _COUNT_DEAD = "SELECT dl_reason, COUNT(*) FROM messages WHERE queue = ? AND state = 1 GROUP BY dl_reason"
 
+_DEFERRALS_PATH = f'$."{PROP_DEFERRALS}"'
+
 #: Prune the duplicate-detection history at most this often (seconds of broker clock).
 _DEDUP_PRUNE_INTERVAL = 60.0
 
@@ -184,6 +208,11 @@ class _Signal:
         self.cond = threading.Condition()
         self.generation = 0
         self.poller: int | None = None
+
+
+def _publisher_of(message: OutgoingMessage) -> str | None:
+    value = message.application_properties.get(PROP_PUBLISHER_ID)
+    return None if value is None else str(value)
 
 
 def _utc(timestamp: float) -> datetime:
@@ -235,6 +264,11 @@ class EmbeddedBroker:
         with self._transaction(self._conn()) as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "publisher" not in columns:
+                conn.execute(_ADD_PUBLISHER)
+                conn.execute(_FILL_PUBLISHER, (f'$."{PROP_PUBLISHER_ID}"',))
+            conn.execute(_INDEX_PUBLISHER)
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -396,6 +430,7 @@ class EmbeddedBroker:
                         visible_at,
                         visible_at,
                         expires_at,
+                        _publisher_of(message),
                     )
                 )
             conn.executemany(_INSERT, rows)
@@ -403,6 +438,32 @@ class EmbeddedBroker:
                 self._next_prune = now + _DEDUP_PRUNE_INTERVAL
                 conn.execute("DELETE FROM dedup WHERE sent_at <= ?", (cutoff,))
         self._notify(queue, _ACTIVE, len(rows))
+
+    # -- releasing scheduled messages (issue 17) ---------------------------------------------------
+
+    def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
+        """Bring up to ``max_messages`` of the publisher's scheduled retries on ``queue`` forward to
+        now (earliest due first) by moving their visible time; returns how many. Deferred copies
+        (waiting for a penalty or pacing, not for the CRM) are left alone. The message keeps
+        its id and attempt: it is the same message, only due sooner. Raises sqlite3.Error."""
+        if max_messages < 1:
+            return 0
+        conn = self._conn()
+        with self._transaction(conn):
+            released = conn.execute(
+                _RELEASE, (self._clock(), publisher_id, queue, max_messages, _DEFERRALS_PATH)
+            ).rowcount
+        self._notify(queue, _ACTIVE, released)
+        return int(released)
+
+    def scheduled_of(self, publisher_id: str) -> tuple[int, datetime | None]:
+        """The publisher's scheduled retries (not deferred copies) on the stage queues, and the
+        earliest due time."""
+        row = self._conn().execute(
+            _SCHEDULED_OF, (publisher_id, self._clock(), json.dumps(STAGE_QUEUES), _DEFERRALS_PATH)
+        ).fetchone()
+        count = int(row[0] or 0)
+        return count, (_utc(row[1]) if count and row[1] is not None else None)
 
     # -- receiving -------------------------------------------------------------------------------
 

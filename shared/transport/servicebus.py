@@ -20,10 +20,19 @@ lock-lost errors become :class:`LockLost`. The Transport contract suite cannot r
 namespace here (it is skipped with that reason); nothing about service-side behaviour (duplicate
 detection, TTL, max delivery count, scheduling) was exercised against Service Bus itself — those are
 the namespace's and queue's configuration (infra/), not this adapter's.
+
+Releasing scheduled retries early (issue 17): Service Bus cannot list or move scheduled messages, so
+with a ``ledger`` the adapter schedules through ``schedule_messages`` and records each sequence number
+(queue, publisher, due) in it — the state store, wired by the composition root. ``release_scheduled``
+peeks each recorded message by its sequence number, sends a copy now (a new message id: the deferral
+counter + 1, as :func:`shared.pipeline.messages.rescheduled_copy` derives it) and only then cancels the
+scheduled original: a crash between the two leaves a duplicate, which the idempotent write absorbs,
+never a lost lead. Tested with the fakes at the ``client=`` seam, not against a namespace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
@@ -49,7 +58,18 @@ from azure.servicebus.exceptions import (
 )
 from azure.servicebus.management import ServiceBusAdministrationClient
 
-from shared.transport.base import LockLost, OutgoingMessage, PropertyValue, QueueStats, ReceivedMessage
+from shared.errors import LeadWriterError
+from shared.names import PROP_DEFERRALS, PROP_PUBLISHER_ID, STAGE_QUEUES
+from shared.pipeline.messages import rescheduled_copy
+from shared.transport.base import (
+    LockLost,
+    OutgoingMessage,
+    PropertyValue,
+    QueueStats,
+    ReceivedMessage,
+    ScheduledEntry,
+    ScheduleLedger,
+)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -188,6 +208,7 @@ class ServiceBusTransport:
         client: ServiceBusClient | None = None,
         admin_client: ServiceBusAdministrationClient | None = None,
         dead_letter_scan_limit: int = DEAD_LETTER_SCAN_LIMIT,
+        ledger: ScheduleLedger | None = None,
     ) -> None:
         self.fully_qualified_namespace = fully_qualified_namespace
         self._credential = credential
@@ -196,6 +217,8 @@ class ServiceBusTransport:
         self._client = client
         self._admin = admin_client
         self._scan_limit = dead_letter_scan_limit
+        #: Where scheduled sequence numbers are kept (None: scheduled messages cannot be released).
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._senders: dict[str, tuple[ServiceBusSender, threading.Lock]] = {}
         self._pools: dict[tuple[str, bool], list[_PooledReceiver]] = {}
@@ -224,6 +247,11 @@ class ServiceBusTransport:
         """
         if not messages:
             return
+        if self._ledger is not None and any(m.scheduled_enqueue_time is not None for m in messages):
+            self._schedule(queue, [m for m in messages if m.scheduled_enqueue_time is not None])
+            messages = [m for m in messages if m.scheduled_enqueue_time is None]
+            if not messages:
+                return
         converted = [to_service_bus_message(message) for message in messages]
         sender, lock = self._sender(queue)
         with lock:
@@ -242,6 +270,79 @@ class ServiceBusTransport:
                     batch = sender.create_message_batch()
                     batch.add_message(message)
             sender.send_messages(batch)
+
+    # -- scheduled messages, and releasing them early (issue 17) -----------------------------------
+
+    def _schedule(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        """Schedule through ``schedule_messages`` (which answers the sequence numbers) and record them.
+
+        A failed record is logged, not raised: the message is scheduled either way and is delivered
+        when due; it only cannot be released early.
+        """
+        assert self._ledger is not None
+        sender, lock = self._sender(queue)
+        entries: list[ScheduledEntry] = []
+        for message in messages:
+            converted = to_service_bus_message(message)
+            due = converted.scheduled_enqueue_time_utc
+            assert due is not None
+            with lock:
+                numbers = sender.schedule_messages(converted, due)
+            publisher = message.application_properties.get(PROP_PUBLISHER_ID)
+            # Retries only: a deferred copy waits for a penalty or pacing, not for the CRM to heal.
+            if publisher is not None and not message.application_properties.get(PROP_DEFERRALS):
+                entries += [ScheduledEntry(queue, str(publisher), int(n), due) for n in numbers]
+        try:
+            self._ledger.record(entries)
+        except LeadWriterError as exc:  # StateUnavailable: the ledger is best effort; the schedule stands
+            logger.warning("could not record %d scheduled messages on %s: %s", len(entries), queue, exc)
+
+    def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
+        """Send up to ``max_messages`` of the publisher's recorded scheduled messages on ``queue`` again
+        now (earliest due first), each as a copy with a new id, then cancel the scheduled original.
+        Entries whose message is no longer scheduled (it fell due, or was cancelled) are forgotten.
+        Without a ledger nothing can be released (0). Raises ServiceBusError."""
+        if self._ledger is None or max_messages < 1:
+            return 0
+        now = datetime.now(UTC)
+        released = 0
+        gone: list[ScheduledEntry] = []
+        for entry in self._ledger.waiting(publisher_id, queue=queue, after=now):
+            if released >= max_messages:
+                break
+            receiver = self._checkout(queue, False)
+            try:
+                peeked = receiver.handler.peek_messages(1, sequence_number=entry.sequence_number)
+            finally:
+                receiver.lock.release()
+            original = next((m for m in peeked if m.sequence_number == entry.sequence_number), None)
+            if original is None or original.state != ServiceBusMessageState.SCHEDULED:
+                gone.append(entry)
+                continue
+            message = from_service_bus_message(original, queue, from_dead_letter=False, peeked=True)
+            # A new id (deferrals + 1, same attempt): the original's id would be dropped as a duplicate.
+            copy = dataclasses.replace(rescheduled_copy(message, 0.0, deferred=True), scheduled_enqueue_time=None)
+            sender, lock = self._sender(queue)
+            with lock:
+                sender.send_messages(to_service_bus_message(copy))  # send first, then cancel
+                sender.cancel_scheduled_messages(entry.sequence_number)
+            gone.append(entry)
+            released += 1
+        if gone:
+            self._ledger.forget(gone)
+        return released
+
+    def scheduled_of(self, publisher_id: str) -> tuple[int, datetime | None]:
+        """From the ledger: the publisher's recorded messages still due on the stage queues, and the
+        earliest due time ((0, None) without a ledger). Raises what the ledger raises."""
+        if self._ledger is None:
+            return 0, None
+        waiting = [
+            entry
+            for entry in self._ledger.waiting(publisher_id, after=datetime.now(UTC))
+            if entry.queue in STAGE_QUEUES
+        ]
+        return len(waiting), min((entry.due for entry in waiting), default=None)
 
     # -- receiving -------------------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ LEAD_WRITER_PRIVILEGES: Mapping[str, str] = {
 }
 _CREATED = frozenset({200, 201, 204})
 _OPERATION_CREATE = "create lead"
+#: The bulk create action on ``lead`` (architecture §4): atomic on a standard table.
+CREATE_MULTIPLE_PATH = "leads/Microsoft.Dynamics.CRM.CreateMultiple"
+_LEAD_TYPE = "Microsoft.Dynamics.CRM.lead"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class DataverseClient:
         self._throttle_key = f"{self._origin}|{principal.lower()}"
         self._count_lock = threading.Lock()
         self.request_count = 0
+        #: Set once the CRM answered that it has no CreateMultiple for leads.
+        self._no_create_multiple = False
 
     @property
     def origin(self) -> str:
@@ -300,6 +305,50 @@ class DataverseClient:
             self._pacer.push_back(self._throttle_key, max(throttled))
         return results
 
+    def create_many(self, leads: Sequence[LeadWrite]) -> list[WriteResult]:
+        """Create many leads in one ``CreateMultiple`` (ids preset, so a retry cannot duplicate them);
+        results in input order. It costs the CRM far less execution time per lead than ``$batch``.
+
+        ``CreateMultiple`` is atomic: when it fails as a whole for a reason of the leads themselves
+        (one exists already — the duplicate-key error, whatever its status — or one is refused, a
+        4xx), nothing was written and the group goes again as :meth:`create_leads` (a ``$batch``
+        part per lead with ``If-None-Match: *``), which answers each lead's own outcome. A 429 or a
+        5xx is not such a failure: it raises for the whole group (retried later, and a retry after
+        an unseen success falls back and finds them there). An org without the action (404/405) is
+        remembered and gets ``$batch`` from then on. Raises like :meth:`create_lead`; ValueError for
+        more than 1000 leads.
+        """
+        if len(leads) > MAX_BATCH_OPERATIONS:
+            raise ValueError(f"at most {MAX_BATCH_OPERATIONS} leads per call, got {len(leads)}")
+        if not leads:
+            return []
+        if self._no_create_multiple:
+            return self.create_leads(leads)
+        operation = f"CreateMultiple of {len(leads)} leads"
+        targets = [
+            {**lead.columns, "leadid": str(lead.record_id), "@odata.type": _LEAD_TYPE} for lead in leads
+        ]
+        response = self._request(
+            "POST", CREATE_MULTIPLE_PATH, operation=operation, body=_json_body({"Targets": targets})
+        )
+        status = response.status_code
+        if status in _CREATED:
+            return [WriteResult(lead.record_id, created=True) for lead in leads]
+        if status in (404, 405):
+            logger.info("the CRM has no CreateMultiple for leads (HTTP %d); using $batch from now on", status)
+            self._no_create_multiple = True
+            return self.create_leads(leads)
+        if bulk_fallback(status, response.content):
+            code, _ = odata_error(response.content)
+            logger.info(
+                "CreateMultiple of %d leads failed as a whole (HTTP %d, %s); writing each in its own $batch part",
+                len(leads),
+                status,
+                code or "no code",
+            )
+            return self.create_leads(leads)
+        raise error_from_response(status, response.headers, response.content, operation=operation, write=True)
+
     def _part_result(self, lead: LeadWrite, part: BatchResponse | None) -> WriteResult:
         if part is None:
             # Only without continue-on-error would the CRM stop early; treat the rest as not attempted.
@@ -457,6 +506,16 @@ class DataverseClient:
             status=response.status_code,
             request_id=request_id_of(response.headers),
         )
+
+
+def bulk_fallback(status: int, body: bytes | str | None) -> bool:
+    """Whether a failed ``CreateMultiple`` answer means "write this group lead by lead": the
+    duplicate-key error (one lead exists already; Dataverse may send it as a 4xx or a 500) or a 4xx
+    that refuses the call (one lead refused). Not a 401/403 (the principal, not the leads), a 429 or
+    another 5xx (throttled or failing: the whole group is retried)."""
+    if is_already_there(status, body):
+        return True
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
 
 
 def _json_body(columns: Mapping[str, Any]) -> bytes:

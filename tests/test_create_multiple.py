@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,14 @@ from shared.crm.client import bulk_fallback
 from shared.crm.connection import ClientSecretAuth, Connection
 from shared.crm.pacing import Pacer
 from shared.errors import CrmThrottled, CrmUnavailable, LeadRejected
+from shared.pipeline import write_lead
+from shared.pipeline.lead import parse_incoming
+from shared.pipeline.outcomes import Delivered
 from shared.settings import Settings
 from shared.simulator import CrmSimulator, SimOrg
 from shared.simulator.limits import CONCURRENCY_CODE, EXECUTION_CODE, ExecutionModel
+from shared.transport.base import ReceivedMessage
+from tests.fixtures.harness import lead_message, running
 from tests.fixtures.simulator import SIM_CLIENT_ID, SIM_CLIENT_SECRET, simulator_settings
 from tests.test_simulator import app_token
 
@@ -257,3 +263,41 @@ def test_responses_carry_the_orgs_dop_hint(simulator: CrmSimulator, crm_org: Sim
 
 def test_the_concurrency_limit_code_is_dataverses() -> None:
     assert (EXECUTION_CODE, CONCURRENCY_CODE) == ("0x80072321", "0x80072326")
+
+
+# --- the write stage -------------------------------------------------------------------------------
+
+
+def _ready(body: bytes, n: int) -> ReceivedMessage:
+    return ReceivedMessage(
+        queue="leads-ready",
+        body=body,
+        message_id=f"m{n}",
+        application_properties={},
+        content_type="application/json",
+        delivery_count=1,
+        enqueued_time=datetime.now(UTC),
+        sequence_number=n,
+    )
+
+
+def test_the_write_stage_sends_a_backlog_as_one_create_multiple_and_a_redelivery_creates_nothing_twice(
+    simulator: CrmSimulator, tmp_path: Path
+) -> None:
+    with running(simulator, tmp_path) as h:
+        publisher = h.publisher()
+        leads = [parse_incoming(json.dumps(lead_message(publisher, n)).encode()) for n in range(6)]
+        messages = [_ready(lead.to_body(), n) for n, lead in enumerate(leads)]
+        pipeline = h.services.pipeline
+
+        first = write_lead.run_many(pipeline, messages)
+        again = write_lead.run_many(pipeline, messages)
+
+        assert [type(o) for o in first + again] == [Delivered] * 12
+        assert [o.created for o in first if isinstance(o, Delivered)] == [True] * 6
+        assert [o.created for o in again if isinstance(o, Delivered)] == [False] * 6
+        assert len(h.written(publisher)) == 6
+        log = simulator.requests(publisher)
+        assert (log.create_multiple, log.create_multiple_targets) == (2, 12)
+        assert (log.batches, log.batch_operations) == (1, 6), "the redelivery fell back to per-lead parts"
+

@@ -39,7 +39,7 @@ from shared.crm.errors import (
     odata_error,
     request_id_of,
 )
-from shared.crm.pacing import Pacer, request_window_of
+from shared.crm.pacing import Pacer, dop_hint_of, limit_of
 from shared.crm.urlguard import check_crm_url
 from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError
 from shared.http import new_session
@@ -424,20 +424,27 @@ class DataverseClient:
         # The slot is taken after the token (a slow token endpoint must not hold a CRM slot) and
         # right before the request leaves: the pacer's penalty check and the send are back to back.
         permit = self._pacer.acquire(self._throttle_key)
+        started = time.monotonic()
         try:
             response = self._send(method, path, token, body=body, headers=headers, operation=operation)
         except BaseException:
-            self._pacer.release(permit, ok=False)
+            # A request that failed on the way may still have run on the server: it costs what it took.
+            self._pacer.release(permit, ok=False, cost=time.monotonic() - started)
             raise
+        # The request's own duration is its execution-time cost (pacing architecture §10): Dataverse
+        # sends no per-request timing, and the network time in it keeps the estimate on the safe side.
+        cost = time.monotonic() - started
+        dop_hint = dop_hint_of(response.headers.get("x-ms-dop-hint"))
         status = response.status_code
         if status != 429:
-            self._pacer.release(permit, ok=status < 500)
+            self._pacer.release(permit, ok=status < 500, cost=cost, dop_hint=dop_hint)
             return response
         error = error_from_response(status, response.headers, response.content, operation=operation)
         retry_after = error.retry_after if isinstance(error, CrmThrottled) and error.retry_after is not None else 1.0
-        # Dataverse names the request limit it enforces in the 429: the pacer keeps to it from now on.
-        window = request_window_of(odata_error(response.content)[1])
-        self._pacer.release(permit, ok=False, retry_after=retry_after, window=window)
+        # Dataverse names the limit it enforces in the 429 (requests, execution time or concurrency):
+        # the pacer keeps to it from now on.
+        window = limit_of(odata_error(response.content)[1])
+        self._pacer.release(permit, ok=False, retry_after=retry_after, window=window, dop_hint=dop_hint)
         return response
 
     def _send(

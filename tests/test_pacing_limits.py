@@ -74,7 +74,7 @@ def exec_pacer(**policy: float) -> tuple[Pacer, Clock]:
     """A pacer whose rate never binds, with a learnt budget of 1,000 ms per 10 s spent to the full."""
     clock = Clock()
     settings = {"initial_rate": 2000.0, "max_rate": 2000.0, "burst": 1000.0, "execution_share": 1.0,
-                "window_margin": 0.0, "cost_smoothing": 1.0, **policy}
+                "window_margin": 0.0, **policy}
     pacer = Pacer(PacingPolicy(**settings), clock=clock)  # type: ignore[arg-type]
     pacer.push_back(KEY, 0.0, ExecutionWindow(1000.0, 10.0))
     return pacer, clock
@@ -92,9 +92,14 @@ def exec_pacer(**policy: float) -> tuple[Pacer, Clock]:
         ([("send", 0.4), ("wait", 2.0), ("send", 0.4)], (Wait.EXECUTION, 8.0)),
         ([("send", 0.4), ("wait", 2.0), ("send", 0.4), ("wait", 8.0)], "ok"),
         ([("send", 0.3), ("send", 0.3), ("send", 0.3)], (Wait.EXECUTION, 10.0)),
-        # Requests in flight are counted at the running average cost.
+        # Requests in flight are counted at the dearest recent cost.
         ([("send", 0.3), ("hold",)], "ok"),
         ([("send", 0.3), ("hold",), ("hold",)], (Wait.EXECUTION, 10.0)),
+        ([("send", 0.1), ("send", 0.4), ("hold",)], (Wait.EXECUTION, 10.0)),
+        ([("send", 0.1), ("send", 0.1), ("hold",), ("hold",)], "ok"),
+        # A read's duration is the network's share of every later one: 0.45 s less 0.05 s costs 0.4 s.
+        ([("read", 0.05), ("send", 0.45), ("wait", 2.0), ("send", 0.45)], (Wait.EXECUTION, 8.0)),
+        ([("read", 0.05), ("send", 0.3), ("send", 0.3)], "ok"),
         # Cheap requests (CreateMultiple) fit many more into the same budget.
         ([("send", 0.05)] * 19, "ok"),
         ([("send", 0.05)] * 20, (Wait.EXECUTION, 10.0)),
@@ -105,10 +110,10 @@ def test_requests_keep_inside_the_learnt_execution_time_budget(
 ) -> None:
     pacer, clock = exec_pacer()
     for step in steps:
-        if step[0] == "send":
+        if step[0] in ("send", "read"):
             permit = granted(pacer.decide(KEY))
             clock.advance(0.002)
-            pacer.release(permit, ok=True, cost=float(step[1]))  # type: ignore[arg-type]
+            pacer.release(permit, ok=True, cost=float(step[1]), floor_sample=step[0] == "read")  # type: ignore[arg-type]
         elif step[0] == "hold":
             granted(pacer.decide(KEY))
             clock.advance(0.002)

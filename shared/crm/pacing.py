@@ -29,11 +29,12 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
   time of incoming requests exceeded limit of 1,200,000 milliseconds over time window of 300
   seconds."). With ``$batch`` or ``CreateMultiple`` a lead costs a fraction of a request, and this is
   the budget that binds. The cost of a request is **its own duration as the client measured it**
-  (from sending to the whole response: Dataverse sends no per-request timing, and the duration
-  includes the network, so the estimate errs on the safe side). The pacer keeps the costs of the
-  requests that ended within the window (plus ``window_margin``), estimates each request still in
-  flight at the recent average, and grants a request only while all of that stays within
-  ``execution_share`` of the budget;
+  (from sending to the whole response; Dataverse sends no per-request timing) **less the network's
+  share**: the shortest duration of a read to that user (a query's server time is next to nothing).
+  Before any read, a write is charged its whole duration (the safe side). The pacer keeps the costs
+  of the requests that ended within the window (plus ``window_margin``), assumes each request still
+  in flight costs as much as the dearest of the last ``cost_memory``, and grants a request only
+  while all of that stays within ``execution_share`` of the budget;
 - the **concurrency limit**, once a 429 named it (``0x80072326``: "Number of concurrent requests
   exceeded the limit of 52."), and the server's ``x-ms-dop-hint`` (its recommended parallelism for
   the org), both as caps on the requests in flight besides ``max_concurrent``.
@@ -199,8 +200,9 @@ class PacingPolicy:
     concurrency_wait: float = 0.02
     #: The share of a learnt execution-time budget the pacer spends at most.
     execution_share: float = 0.95
-    #: Weight of the newest request in the running average cost of a request (for those in flight).
-    cost_smoothing: float = 0.2
+    #: Recent requests the in-flight estimate looks at: each request in flight is assumed to cost as
+    #: much as the dearest of them (under a backlog the batches are full, so that is what they cost).
+    cost_memory: int = 16
     #: Whether the server's ``x-ms-dop-hint`` caps the requests in flight.
     honour_dop_hint: bool = True
 
@@ -215,8 +217,8 @@ class PacingPolicy:
             raise ValueError("max_wait must be >= 0 and concurrency_wait > 0")
         if self.window_margin < 0 or self.history < 1:
             raise ValueError("window_margin must be >= 0 and history >= 1")
-        if not 0 < self.execution_share <= 1 or not 0 < self.cost_smoothing <= 1:
-            raise ValueError("execution_share and cost_smoothing must be in (0, 1]")
+        if not 0 < self.execution_share <= 1 or self.cost_memory < 1:
+            raise ValueError("execution_share must be in (0, 1] and cost_memory >= 1")
 
 
 @dataclass(frozen=True)
@@ -260,8 +262,10 @@ class _KeyState:
     #: (end time, seconds) of the requests that ended recently, and their sum.
     costs: deque[tuple[float, float]] = field(default_factory=deque)
     cost_total: float = 0.0
-    #: Running average cost of one request (seconds): what each request in flight is assumed to spend.
-    cost_estimate: float = 0.0
+    #: The costs of the last few requests; the dearest is what each request in flight is assumed to spend.
+    recent_costs: deque[float] = field(default_factory=deque)
+    #: The shortest duration of a read (a cheap request): the network's share of every duration.
+    floor: float | None = None
     concurrency: int | None = None
     dop_hint: int | None = None
 
@@ -351,7 +355,8 @@ class Pacer:
             return 0.0
         self._prune_costs(state, now)
         budget = state.execution.milliseconds / 1000 * self.policy.execution_share
-        excess = state.cost_total + (state.in_flight + 1) * state.cost_estimate - budget
+        estimate = max(state.recent_costs, default=0.0)
+        excess = state.cost_total + (state.in_flight + 1) * estimate - budget
         if excess <= _EPSILON:
             return 0.0
         span = state.execution.seconds + self.policy.window_margin
@@ -428,14 +433,16 @@ class Pacer:
         retry_after: float | None = None,
         window: NamedLimit | None = None,
         cost: float | None = None,
+        floor_sample: bool = False,
         dop_hint: int | None = None,
     ) -> None:
         """Hand back a slot. ``retry_after`` set: the CRM answered 429 (halve the rate, hold the key
         for exactly that long, and keep to ``window`` — the request or execution-time window or the
         concurrency limit — from now on when the 429 named it). Otherwise ``ok``: the CRM took the
         request (grow the rate if it was sent at the limit); not ok (network failure, 5xx): neither
-        grow nor shrink. ``cost``: the request's execution-time cost in seconds (its own duration),
-        counted against the execution-time window unless it was refused; ``dop_hint``: the
+        grow nor shrink. ``cost``: the request's duration in seconds, counted against the
+        execution-time window unless it was refused, less the network's share (the shortest duration
+        of a ``floor_sample``: a read, whose server time is next to nothing); ``dop_hint``: the
         response's ``x-ms-dop-hint``, a cap on the requests in flight from now on.
         """
         with self._lock:
@@ -446,7 +453,7 @@ class Pacer:
             if dop_hint is not None:
                 state.dop_hint = dop_hint
             if cost is not None and retry_after is None:
-                self._spend(state, now, max(0.0, cost))
+                self._spend(state, now, max(0.0, cost), floor_sample=floor_sample)
             if retry_after is not None:
                 # A refused request did not count toward the CRM's window.
                 with contextlib.suppress(ValueError):
@@ -459,16 +466,19 @@ class Pacer:
                 state.rate = min(policy.max_rate, state.rate + step)
             self._lock.notify_all()
 
-    def _spend(self, state: _KeyState, now: float, cost: float) -> None:
+    def _spend(self, state: _KeyState, now: float, duration: float, *, floor_sample: bool) -> None:
+        if floor_sample:
+            state.floor = duration if state.floor is None else min(state.floor, duration)
+        # Until a read has shown the network's share, a write is charged its whole duration.
+        cost = max(0.0, duration - (state.floor or 0.0))
         self._prune_costs(state, now)
         state.costs.append((now, cost))
         state.cost_total += cost
         if len(state.costs) > self.policy.history:
             state.cost_total -= state.costs.popleft()[1]
-        weight = self.policy.cost_smoothing
-        state.cost_estimate = cost if state.cost_estimate == 0.0 else (
-            (1 - weight) * state.cost_estimate + weight * cost
-        )
+        state.recent_costs.append(cost)
+        if len(state.recent_costs) > self.policy.cost_memory:
+            state.recent_costs.popleft()
 
     @staticmethod
     def _learn(state: _KeyState, limit: NamedLimit | None) -> None:
@@ -552,7 +562,7 @@ class Pacer:
                 in_flight_at_push_back=state.in_flight_at_push_back,
                 execution=state.execution,
                 execution_spent=state.cost_total,
-                cost_estimate=state.cost_estimate,
+                cost_estimate=max(state.recent_costs, default=0.0),
                 concurrency_cap=self._cap(state),
             )
 

@@ -153,6 +153,30 @@ def test_a_refused_request_costs_nothing_and_teaches_the_execution_window() -> N
     assert snapshot.penalty_remaining == pytest.approx(2.0)
 
 
+def test_each_execution_push_back_after_the_window_is_known_widens_the_margin() -> None:
+    pacer, clock = exec_pacer()  # learnt once: the full budget (a share of 1.0 here)
+    spent = 0
+    for _ in range(3):
+        while (decision := pacer.decide(KEY)).granted:
+            assert decision.permit is not None
+            clock.advance(0.01)
+            pacer.release(decision.permit, ok=True, cost=0.01)
+            spent += 1
+        clock.advance(11.0)
+        permit = granted(pacer.decide(KEY))
+        pacer.release(permit, ok=False, retry_after=0.0, window=ExecutionWindow(1000.0, 10.0))
+        clock.advance(11.0)
+
+    allowed = 0
+    while (decision := pacer.decide(KEY)).granted:
+        assert decision.permit is not None
+        clock.advance(0.01)
+        pacer.release(decision.permit, ok=True, cost=0.01)
+        allowed += 1
+
+    assert allowed == pytest.approx(100 * 0.95**3, abs=1.5)
+
+
 def test_room_says_how_long_until_the_execution_budget_frees() -> None:
     pacer, _clock = exec_pacer()
     permit = granted(pacer.decide(KEY))

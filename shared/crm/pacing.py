@@ -261,6 +261,8 @@ class _KeyState:
     #: Requests that were in flight when a 429 came back (they may reach the CRM inside the penalty).
     in_flight_at_push_back: int = 0
     execution: ExecutionWindow | None = None
+    #: The share of the learnt execution budget spent, lowered each time the CRM still pushes back.
+    execution_share: float = 1.0
     #: (end time, seconds) of the requests that ended recently, and their sum.
     costs: deque[tuple[float, float]] = field(default_factory=deque)
     cost_total: float = 0.0
@@ -356,7 +358,7 @@ class Pacer:
         if state.execution is None:
             return 0.0
         self._prune_costs(state, now)
-        budget = state.execution.milliseconds / 1000 * self.policy.execution_share
+        budget = state.execution.milliseconds / 1000 * state.execution_share
         estimate = max(state.recent_costs, default=0.0)
         excess = state.cost_total + (state.in_flight + 1) * estimate - budget
         if excess <= _EPSILON:
@@ -482,11 +484,16 @@ class Pacer:
         if len(state.recent_costs) > self.policy.cost_memory:
             state.recent_costs.popleft()
 
-    @staticmethod
-    def _learn(state: _KeyState, limit: NamedLimit | None) -> None:
+    def _learn(self, state: _KeyState, limit: NamedLimit | None) -> None:
         if isinstance(limit, RequestWindow):
             state.window = limit
         elif isinstance(limit, ExecutionWindow):
+            if state.execution is None:
+                state.execution_share = self.policy.execution_share
+            else:
+                # Pushed back although the count kept inside: the count is short (a request's
+                # duration only estimates its server time), so keep a wider margin from now on.
+                state.execution_share = max(0.5, state.execution_share * 0.95)
             state.execution = limit
         elif isinstance(limit, ConcurrencyLimit):
             state.concurrency = limit.limit

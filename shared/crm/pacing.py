@@ -34,7 +34,9 @@ and a request sent before that elapses extends the penalty. The :class:`Pacer` k
   Before any read, a write is charged its whole duration (the safe side). The pacer keeps the costs
   of the requests that ended within the window (plus ``window_margin``), assumes each request still
   in flight costs as much as the dearest of the last ``cost_memory``, and grants a request only
-  while all of that stays within ``execution_share`` of the budget;
+  while all of that stays within ``execution_share`` of the budget. An execution-time 429 met after
+  the window is known says the count is short: the share is lowered by 5 % each time (to half at
+  most);
 - the **concurrency limit**, once a 429 named it (``0x80072326``: "Number of concurrent requests
   exceeded the limit of 52."), and the server's ``x-ms-dop-hint`` (its recommended parallelism for
   the org), both as caps on the requests in flight besides ``max_concurrent``.

@@ -202,9 +202,8 @@ class PacingPolicy:
     #: How long a caller told "not yet" for lack of a concurrency slot should stay away (a slot
     #: frees when a request in flight ends, which the pacer cannot predict).
     concurrency_wait: float = 0.02
-    #: The share of a learnt execution-time budget the pacer spends by its own count at most. Its count
-    #: can only estimate the server's (a request's duration less the shortest read's), and the bench
-    #: found it short by several per cent: the rest is that margin.
+    #: The share of a learnt execution-time budget the pacer spends by its own count at most (the count
+    #: is an estimate of the server's; an execution 429 met after the window is known lowers it).
     execution_share: float = 0.9
     #: Recent requests the in-flight estimate looks at: each request in flight is assumed to cost as
     #: much as the dearest of them (under a backlog the batches are full, so that is what they cost).

@@ -78,6 +78,9 @@ class Settings(BaseModel):
     )
     #: Leads per ``$batch`` the write stage sends at most (Dataverse takes up to 1000); 1 disables batching.
     max_batch: Annotated[int, Field(ge=1, le=1000)] = Field(default=100, alias="LEADWRITER_MAX_BATCH")
+    #: Several leads of one publisher go as one ``CreateMultiple`` (falling back to ``$batch`` parts when
+    #: it fails as a whole); off: always ``$batch``.
+    create_multiple: bool = Field(default=True, alias="LEADWRITER_CREATE_MULTIPLE")
     crm_connect_timeout: Annotated[float, Field(gt=0)] = Field(default=5.0, alias="LEADWRITER_CRM_CONNECT_TIMEOUT")
     crm_read_timeout: Annotated[float, Field(gt=0)] = Field(default=30.0, alias="LEADWRITER_CRM_READ_TIMEOUT")
     #: Seconds between attempts of a transiently failing message; see shared/pipeline/retry.py.

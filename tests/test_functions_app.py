@@ -165,7 +165,7 @@ def test_the_write_trigger_sends_a_batch_of_one_publisher_as_one_crm_request(
     assert [a for a, _ in actions.calls] == ["complete"] * 5 + ["deadletter"]
     assert len(simulator.leads(publisher)) == 5
     log = simulator.requests(publisher)
-    assert (log.batches, log.lead_writes) == (1, 0)
+    assert (log.create_multiple, log.batches, log.lead_writes) == (1, 0, 0)
 
 
 def _ready_messages(publisher: str, count: int, *, locked_for: float = 300.0) -> list[Any]:

@@ -379,6 +379,6 @@ def test_the_write_stage_never_batches_more_than_max_batch(simulator: CrmSimulat
         h.start()
         h.wait_for(lambda: len(h.written(publisher)) == 30)
         log = simulator.requests(publisher)
-        assert log.batch_operations + log.lead_writes == 30
-        assert log.batches >= 30 // 4
-        assert log.batch_operations <= 4 * log.batches
+        assert log.create_multiple_targets + log.batch_operations + log.lead_writes == 30
+        assert log.create_multiple + log.batches >= 30 // 4
+        assert log.create_multiple_targets <= 4 * log.create_multiple

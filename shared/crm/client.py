@@ -39,7 +39,7 @@ from shared.crm.errors import (
     odata_error,
     request_id_of,
 )
-from shared.crm.pacing import Pacer, request_window_of
+from shared.crm.pacing import Pacer, dop_hint_of, limit_of
 from shared.crm.urlguard import check_crm_url
 from shared.errors import CrmPaced, CrmThrottled, CrmUnavailable, LeadWriterError, SolutionMissing
 from shared.http import new_session
@@ -60,6 +60,9 @@ LEAD_WRITER_PRIVILEGES: Mapping[str, str] = {
 }
 _CREATED = frozenset({200, 201, 204})
 _OPERATION_CREATE = "create lead"
+#: The bulk create action on ``lead`` (architecture §4): atomic on a standard table.
+CREATE_MULTIPLE_PATH = "leads/Microsoft.Dynamics.CRM.CreateMultiple"
+_LEAD_TYPE = "Microsoft.Dynamics.CRM.lead"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class DataverseClient:
         self._throttle_key = f"{self._origin}|{principal.lower()}"
         self._count_lock = threading.Lock()
         self.request_count = 0
+        #: Set once the CRM answered that it has no CreateMultiple for leads.
+        self._no_create_multiple = False
 
     @property
     def origin(self) -> str:
@@ -328,6 +333,50 @@ class DataverseClient:
             self._pacer.push_back(self._throttle_key, max(throttled))
         return results
 
+    def create_many(self, leads: Sequence[LeadWrite]) -> list[WriteResult]:
+        """Create many leads in one ``CreateMultiple`` (ids preset, so a retry cannot duplicate them);
+        results in input order. It costs the CRM far less execution time per lead than ``$batch``.
+
+        ``CreateMultiple`` is atomic: when it fails as a whole for a reason of the leads themselves
+        (one exists already — the duplicate-key error, whatever its status — or one is refused, a
+        4xx), nothing was written and the group goes again as :meth:`create_leads` (a ``$batch``
+        part per lead with ``If-None-Match: *``), which answers each lead's own outcome. A 429 or a
+        5xx is not such a failure: it raises for the whole group (retried later, and a retry after
+        an unseen success falls back and finds them there). An org without the action (404/405) is
+        remembered and gets ``$batch`` from then on. Raises like :meth:`create_lead`; ValueError for
+        more than 1000 leads.
+        """
+        if len(leads) > MAX_BATCH_OPERATIONS:
+            raise ValueError(f"at most {MAX_BATCH_OPERATIONS} leads per call, got {len(leads)}")
+        if not leads:
+            return []
+        if self._no_create_multiple:
+            return self.create_leads(leads)
+        operation = f"CreateMultiple of {len(leads)} leads"
+        targets = [
+            {**lead.columns, "leadid": str(lead.record_id), "@odata.type": _LEAD_TYPE} for lead in leads
+        ]
+        response = self._request(
+            "POST", CREATE_MULTIPLE_PATH, operation=operation, body=_json_body({"Targets": targets})
+        )
+        status = response.status_code
+        if status in _CREATED:
+            return [WriteResult(lead.record_id, created=True) for lead in leads]
+        if status in (404, 405):
+            logger.info("the CRM has no CreateMultiple for leads (HTTP %d); using $batch from now on", status)
+            self._no_create_multiple = True
+            return self.create_leads(leads)
+        if bulk_fallback(status, response.content):
+            code, _ = odata_error(response.content)
+            logger.info(
+                "CreateMultiple of %d leads failed as a whole (HTTP %d, %s); writing each in its own $batch part",
+                len(leads),
+                status,
+                code or "no code",
+            )
+            return self.create_leads(leads)
+        raise error_from_response(status, response.headers, response.content, operation=operation, write=True)
+
     def _part_result(self, lead: LeadWrite, part: BatchResponse | None) -> WriteResult:
         if part is None:
             # Only without continue-on-error would the CRM stop early; treat the rest as not attempted.
@@ -403,20 +452,28 @@ class DataverseClient:
         # The slot is taken after the token (a slow token endpoint must not hold a CRM slot) and
         # right before the request leaves: the pacer's penalty check and the send are back to back.
         permit = self._pacer.acquire(self._throttle_key)
+        started = time.monotonic()
         try:
             response = self._send(method, path, token, body=body, headers=headers, operation=operation)
         except BaseException:
-            self._pacer.release(permit, ok=False)
+            # A request that failed on the way may still have run on the server: it costs what it took.
+            self._pacer.release(permit, ok=False, cost=time.monotonic() - started)
             raise
+        # The request's own duration is its execution-time cost (architecture §10): Dataverse sends no
+        # per-request timing, and the network time in it keeps the count on the safe side. (Taking the
+        # shortest read off as "the network" undercounted short CreateMultiple requests in the bench.)
+        cost = time.monotonic() - started
+        dop_hint = dop_hint_of(response.headers.get("x-ms-dop-hint"))
         status = response.status_code
         if status != 429:
-            self._pacer.release(permit, ok=status < 500)
+            self._pacer.release(permit, ok=status < 500, cost=cost, dop_hint=dop_hint)
             return response
         error = error_from_response(status, response.headers, response.content, operation=operation)
         retry_after = error.retry_after if isinstance(error, CrmThrottled) and error.retry_after is not None else 1.0
-        # Dataverse names the request limit it enforces in the 429: the pacer keeps to it from now on.
-        window = request_window_of(odata_error(response.content)[1])
-        self._pacer.release(permit, ok=False, retry_after=retry_after, window=window)
+        # Dataverse names the limit it enforces in the 429 (requests, execution time or concurrency):
+        # the pacer keeps to it from now on.
+        window = limit_of(odata_error(response.content)[1])
+        self._pacer.release(permit, ok=False, retry_after=retry_after, window=window, dop_hint=dop_hint)
         return response
 
     def _send(
@@ -485,6 +542,16 @@ class DataverseClient:
             status=response.status_code,
             request_id=request_id_of(response.headers),
         )
+
+
+def bulk_fallback(status: int, body: bytes | str | None) -> bool:
+    """Whether a failed ``CreateMultiple`` answer means "write this group lead by lead": the
+    duplicate-key error (one lead exists already; Dataverse may send it as a 4xx or a 500) or a 4xx
+    that refuses the call (one lead refused). Not a 401/403 (the principal, not the leads), a 429 or
+    another 5xx (throttled or failing: the whole group is retried)."""
+    if is_already_there(status, body):
+        return True
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
 
 
 def _json_body(columns: Mapping[str, Any]) -> bytes:

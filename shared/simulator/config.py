@@ -2,7 +2,8 @@
 
 ``{"orgs": [{"name": "contoso", "tenantId": "…", "solutionVersion": "1.2.0.0", "latency": 0.05,
 "limits": {"requestsPerWindow": 6000, "windowSeconds": 300, "executionSecondsPerWindow": 1200,
-"maxConcurrent": 52}, "leadSourceCodes": [1, 2, 8, 10], "users": [{"username": "…", "password": "…",
+"maxConcurrent": 52}, "execution": {"createMs": 10, "batchPartMs": 4, "createMultipleTargetMs": 1,
+"requestMs": 0}, "dopHint": 8, "leadSourceCodes": [1, 2, 8, 10], "users": [{"username": "…", "password": "…",
 "hasRole": true, "mfaRequired": false, "disabled": false}], "apps": [{"clientId": "…",
 "clientSecret": "…", "hasRole": true}], "missingPrivileges": ["prvReadUserEntityUISettings"]}]}``
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.simulator.limits import Limits
+from shared.simulator.limits import ExecutionModel, Limits
 
 
 class SimulatorConfigError(ValueError):
@@ -52,6 +53,10 @@ class OrgSpec:
     apps: tuple[AppSpec, ...] = ()
     #: Privileges taken out of the org's Lead Writer role, e.g. ``["prvReadUserEntityUISettings"]``.
     missing_privileges: tuple[str, ...] = ()
+    #: Server execution time per record (ms) of each kind of write, and per request.
+    execution: ExecutionModel = field(default_factory=ExecutionModel)
+    #: The ``x-ms-dop-hint`` the org's responses carry; None: not sent.
+    dop_hint: int | None = None
 
 
 def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
@@ -104,6 +109,22 @@ def parse_org(data: Any, where: str = "org") -> OrgSpec:
         if isinstance(exc, SimulatorConfigError):
             raise
         raise SimulatorConfigError(f"{where}.limits: {exc}") from None
+    execution_data = _get(data, "execution", Mapping, where, {})
+    at = f"{where}.execution"
+    try:
+        execution = ExecutionModel(
+            create_ms=float(_get(execution_data, "createMs", number, at, 0.0)),
+            batch_part_ms=float(_get(execution_data, "batchPartMs", number, at, 0.0)),
+            create_multiple_ms=float(_get(execution_data, "createMultipleTargetMs", number, at, 0.0)),
+            request_ms=float(_get(execution_data, "requestMs", number, at, 0.0)),
+        )
+    except ValueError as exc:
+        if isinstance(exc, SimulatorConfigError):
+            raise
+        raise SimulatorConfigError(f"{at}: {exc}") from None
+    dop_hint = _get(data, "dopHint", int, where, None)
+    if dop_hint is not None and dop_hint < 1:
+        raise SimulatorConfigError(f"{where}.dopHint must be a positive integer")
     users = []
     for i, user in enumerate(_get(data, "users", list, where, [])):
         at = f"{where}.users[{i}]"
@@ -152,6 +173,8 @@ def parse_org(data: Any, where: str = "org") -> OrgSpec:
         users=tuple(users),
         apps=tuple(apps),
         missing_privileges=tuple(missing),
+        execution=execution,
+        dop_hint=dop_hint,
     )
 
 

@@ -44,6 +44,9 @@ OPTION_SET_COLUMN = "leadsourcecode"
 BOOLEAN_COLUMNS = frozenset({"donotemail", "donotphone", "donotbulkemail", "donotpostalmail", "donotsendmm"})
 READ_ONLY_COLUMNS = frozenset({"fullname"})
 
+#: Dataverse's "Cannot insert duplicate key" (-2147220937): a create whose record id is taken.
+DUPLICATE_KEY = "0x80040237"
+
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _LEAD_KEY = re.compile(r"^leads\((?:leadid=)?([^)]*)\)$")
 _PRIVILEGES = re.compile(
@@ -58,6 +61,10 @@ _PRIVILEGE_IDS = {
     for name in ROLE_PRIVILEGES + BASE_PRIVILEGES
 }
 _ENTITY_OTC = {"lead": 4, "solution": 7100}
+
+#: The bulk create action bound to the lead entity set (architecture §4).
+CREATE_MULTIPLE = "leads/Microsoft.Dynamics.CRM.CreateMultiple"
+_LEAD_TYPE = "Microsoft.Dynamics.CRM.lead"
 
 _JSON_TYPE = "application/json; odata.metadata=minimal"
 _ODATA = ("OData-Version", "4.0")
@@ -91,6 +98,8 @@ class Call:
     headers: Mapping[str, str]
     body: bytes
     top_level: bool = True
+    #: Modelled server execution time (seconds) this call spends, added up by the handlers.
+    cost: float = 0.0
 
     def header(self, name: str) -> str:
         return self.headers.get(name.lower(), "")
@@ -114,6 +123,8 @@ def _kind(method: str, relative: str | None) -> str:
         return "solutions"
     if relative == "$batch":
         return "batches"
+    if relative == CREATE_MULTIPLE and method == "POST":
+        return "create_multiple"
     if relative.startswith("leads") and method in ("POST", "PATCH"):
         return "lead_writes"
     return ""
@@ -132,18 +143,26 @@ class DataverseApp:
     def __call__(self, request: Request) -> Response:
         org = self._org
         relative = _relative(request.path)
-        arrived = time.monotonic()
         org.counters.arrive(_kind(request.method, relative))
         try:
-            return self._serve(request, relative, arrived)
+            return self._serve(request, relative)
         finally:
             org.counters.leave()
 
-    def _serve(self, request: Request, relative: str | None, arrived: float) -> Response:
+    def _serve(self, request: Request, relative: str | None) -> Response:
         org = self._org
         delay = org.latency + org.faults.latency
         if delay > 0:
             self._stopping.wait(delay)
+        response = self._execute(request, relative)
+        if org.dop_hint is not None and response.status != 0:
+            response.headers.append(("x-ms-dop-hint", str(org.dop_hint)))
+        return response
+
+    def _execute(self, request: Request, relative: str | None) -> Response:
+        org = self._org
+        # The latency stands for the network: the execution-time limit counts only what runs here.
+        started = time.monotonic()
         principal, refusal = self._authenticate(request)
         if principal is None:
             fault = org.faults.take(authenticated=False)
@@ -165,13 +184,19 @@ class DataverseApp:
                 )
             headers = {name.lower(): str(value) for name, value in request.headers.items()}
             call = Call(request.method, relative, request.query, headers, request.body)
-            answer = self._route(call, principal)
+            call.cost += org.execution.request_ms / 1000
+            routed = self._route(call, principal)
+            if call.cost > 0:
+                # The server really takes that long: a client timing its requests sees the cost.
+                self._stopping.wait(call.cost)
             if fault is not None and fault.kind == "reset_after":
                 # Carried out, never answered: the client must find out by retrying (idempotently).
                 return Response(0, reset=True)
-            return answer
+            return routed
         finally:
-            org.limits.done(principal.key, time.monotonic() - arrived)
+            spent = time.monotonic() - started
+            org.counters.charge(spent)
+            org.limits.done(principal.key, spent)
 
     def _apply(self, fault: Fault) -> Response | None:
         if fault.kind == "reset":
@@ -252,6 +277,10 @@ class DataverseApp:
             return self._batch(call, principal)
         if path == "leads":
             return self._create(call, principal) if method == "POST" else _method_not_allowed()
+        if path == CREATE_MULTIPLE:
+            if method != "POST" or not call.top_level:
+                return _method_not_allowed()
+            return self._create_multiple(call, principal)
         match = _LEAD_KEY.match(path)
         if match:
             key = match.group(1).strip("'")
@@ -387,6 +416,8 @@ class DataverseApp:
         return _json(200, {"@odata.context": f"{self._base()}$metadata#leads/$entity", **record})
 
     def _create(self, call: Call, principal: Principal) -> Response:
+        if call.top_level:
+            call.cost += self._org.execution.create_ms / 1000
         body, problem = _parse_lead(call.body, self._custom_columns())
         if problem is not None:
             return problem
@@ -406,6 +437,8 @@ class DataverseApp:
         return self._written(call, record, created=True)
 
     def _patch(self, call: Call, principal: Principal, lead_id: str) -> Response:
+        if call.top_level:
+            call.cost += self._org.execution.create_ms / 1000
         body, problem = _parse_lead(call.body, self._custom_columns())
         if problem is not None:
             return problem
@@ -436,6 +469,56 @@ class DataverseApp:
             org.leads[lead_id] = record
         return self._written(call, record, created=existing is None)
 
+    # --- CreateMultiple ---------------------------------------------------------------------------
+
+    def _create_multiple(self, call: Call, principal: Principal) -> Response:
+        """``POST leads/Microsoft.Dynamics.CRM.CreateMultiple`` with ``{"Targets": [...]}``: atomic, as
+        on a standard table — one target that is refused or already exists fails the whole call and
+        nothing is written; otherwise 200 with the ``Ids`` in target order."""
+        org = self._org
+        try:
+            payload = json.loads(call.body.decode("utf-8")) if call.body.strip() else None
+        except (UnicodeDecodeError, ValueError):
+            return dataverse_error(400, "0x80060888", "Invalid JSON. A token was not recognized in the JSON content.")
+        targets = payload.get("Targets") if isinstance(payload, dict) else None
+        if not isinstance(targets, list) or not targets:
+            return dataverse_error(
+                400, "0x80060888", "The parameter 'Targets' of the CreateMultiple action must be a non-empty list."
+            )
+        org.counters.add("create_multiple_targets", len(targets))
+        call.cost += len(targets) * org.execution.create_multiple_ms / 1000
+        if not org.grants(principal, "prvCreateLead"):
+            return self._missing_privilege(principal, "prvCreateLead", "lead")
+        custom = self._custom_columns()
+        records: list[dict[str, Any]] = []
+        for target in targets:
+            if not isinstance(target, dict) or target.get("@odata.type") != _LEAD_TYPE:
+                return dataverse_error(
+                    400,
+                    "0x80048d19",
+                    "You must specify the @odata.type annotation 'Microsoft.Dynamics.CRM.lead' with every "
+                    "item in the Targets parameter.",
+                )
+            body, problem = _parse_lead(json.dumps(target).encode("utf-8"), custom)
+            if problem is None:
+                problem = _check_values(body, org.lead_source_codes, custom)
+            if problem is None:
+                problem = metadata.check_lookups(org, body, dataverse_error)
+            if problem is not None:
+                return problem
+            lead_id = str(body.get("leadid") or uuid.uuid4()).lower()
+            records.append({**_columns(body), **metadata.lookup_values(body), "leadid": lead_id})
+        ids = [record["leadid"] for record in records]
+        with org.lock:
+            if len(set(ids)) != len(ids) or any(lead_id in org.leads for lead_id in ids):
+                return dataverse_error(400, DUPLICATE_KEY, "Cannot insert duplicate key.")
+            for record in records:
+                org.leads[record["leadid"]] = record
+        return _json(
+            200,
+            {"@odata.context": f"{self._base()}$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse", "Ids": ids},
+        )
+
     # --- $batch ----------------------------------------------------------------------------------
 
     def _batch(self, call: Call, principal: Principal) -> Response:
@@ -445,6 +528,7 @@ class DataverseApp:
             return dataverse_error(400, "0x80060888", str(exc))
         count = batching.count_operations(items)
         self._org.counters.add("batch_operations", count)
+        call.cost += count * self._org.execution.batch_part_ms / 1000
         if count > batching.MAX_OPERATIONS:
             return dataverse_error(
                 400,

@@ -18,7 +18,7 @@ from shared.simulator.certs import ensure_certificates
 from shared.simulator.config import OrgSpec, load_config
 from shared.simulator.dataverse import DataverseApp
 from shared.simulator.faults import Faults
-from shared.simulator.limits import Limits, ServiceProtection
+from shared.simulator.limits import ExecutionModel, Limits, ServiceProtection
 from shared.simulator.server import Listener, server_context
 from shared.simulator.state import (
     DEFAULT_LEAD_SOURCE_CODES,
@@ -112,6 +112,8 @@ class CrmSimulator:
             max_concurrent=spec.limits.max_concurrent,
             latency=spec.latency,
             lead_source_codes=spec.lead_source_codes,
+            execution=spec.execution,
+            dop_hint=spec.dop_hint,
         )
         for user in spec.users:
             self.add_user(
@@ -200,8 +202,11 @@ class CrmSimulator:
         latency: float = 0.0,
         lead_source_codes: Iterable[int] | None = None,
         solution_name: str = SOLUTION_UNIQUE_NAME,
+        execution: ExecutionModel | None = None,
+        dop_hint: int | None = None,
     ) -> SimOrg:
-        """Create an org with its own HTTPS listener.
+        """Create an org with its own HTTPS listener. ``execution`` models the server execution time
+        per record of each kind of write; ``dop_hint`` is the ``x-ms-dop-hint`` its responses carry.
 
         Raises ValueError for a bad or duplicate name or bad limits, OSError when it cannot bind.
         """
@@ -229,6 +234,8 @@ class CrmSimulator:
                     if lead_source_codes is not None
                     else DEFAULT_LEAD_SOURCE_CODES
                 ),
+                execution=execution or ExecutionModel(),
+                dop_hint=dop_hint,
             )
             app = DataverseApp(org, self._directory, self._stopping)
             listener = Listener(self.host, 0, f"sim-org-{name}", app, self._stopping)
@@ -340,6 +347,13 @@ class CrmSimulator:
         state = self._directory.org(org)
         with state.lock:
             state.solution_version = version
+
+    def set_execution(self, org: str, model: ExecutionModel, *, dop_hint: int | None = None) -> None:
+        """Set the org's server execution time per record (and the ``x-ms-dop-hint`` it sends)."""
+        state = self._directory.org(org)
+        with state.lock:
+            state.execution = model
+            state.dop_hint = dop_hint
 
     def set_missing_privileges(self, org: str, privileges: Iterable[str]) -> None:
         """Take ``privileges`` out of the org's Lead Writer role (and give back every other one), so its
@@ -463,6 +477,13 @@ class CrmSimulator:
                     "executionSecondsPerWindow": state.limits.limits.execution_seconds_per_window,
                     "maxConcurrent": state.limits.limits.max_concurrent,
                 },
+                "execution": {
+                    "createMs": state.execution.create_ms,
+                    "batchPartMs": state.execution.batch_part_ms,
+                    "createMultipleTargetMs": state.execution.create_multiple_ms,
+                    "requestMs": state.execution.request_ms,
+                },
+                "dopHint": state.dop_hint,
                 "leadSourceCodes": sorted(state.lead_source_codes),
                 "missingPrivileges": sorted(state.missing_privileges),
                 "users": users,

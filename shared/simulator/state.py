@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shared.simulator.faults import Faults
-from shared.simulator.limits import ServiceProtection
+from shared.simulator.limits import ExecutionModel, ServiceProtection
 
 SOLUTION_UNIQUE_NAME = "MicrosoftMarketplacesLeadIntegrationSolution"
 #: The default option-set values of ``lead.leadsourcecode`` (Advertisement … Other).
@@ -45,6 +45,11 @@ class RequestLog:
     throttled: int
     during_penalty: int
     max_in_flight: int
+    #: CreateMultiple requests (not counted under ``lead_writes``) and the targets they carried.
+    create_multiple: int = 0
+    create_multiple_targets: int = 0
+    #: Server execution time charged to the execution-time limit, seconds (all principals).
+    execution_seconds: float = 0.0
 
 
 class Counters:
@@ -55,6 +60,11 @@ class Counters:
         self._counts: Counter[str] = Counter()
         self._in_flight = 0
         self._max_in_flight = 0
+        self._execution = 0.0
+
+    def charge(self, seconds: float) -> None:
+        with self._lock:
+            self._execution += seconds
 
     def arrive(self, kind: str) -> None:
         with self._lock:
@@ -85,6 +95,9 @@ class Counters:
                 throttled=c["throttled"],
                 during_penalty=c["during_penalty"],
                 max_in_flight=self._max_in_flight,
+                create_multiple=c["create_multiple"],
+                create_multiple_targets=c["create_multiple_targets"],
+                execution_seconds=self._execution,
             )
 
 
@@ -162,6 +175,10 @@ class OrgState:
     #: Privileges taken out of this org's Lead Writer role (a customised or damaged role).
     missing_privileges: set[str] = field(default_factory=set)
     records: CrmRecords = field(default_factory=CrmRecords)
+    #: Server execution time per record and per request (charged to the execution-time limit).
+    execution: ExecutionModel = field(default_factory=ExecutionModel)
+    #: The ``x-ms-dop-hint`` every response carries (the recommended parallelism); None: not sent.
+    dop_hint: int | None = None
 
     def grants(self, principal: Principal, privilege: str) -> bool:
         """Whether ``principal`` holds ``privilege`` through the Lead Writer role of this org."""

@@ -9,14 +9,15 @@ time), as a ratio. Figures are measured, never asserted: machines are shared and
 
 Scenarios (``leadwriter bench --scenario NAME``) set the run up for one performance target each and
 report that target's figure next to it (see BENCHMARKS.md): ``throughput`` (the default run),
-``nobatch``, ``limits``, ``overhead``, ``isolation``, ``memory`` and ``heal`` (a CRM down until its
-leads wait for retry slots a minute or more away, then healed: "heal → last lead delivered").
+``nobatch``, ``limits``, ``execution``, ``overhead``, ``isolation``, ``memory`` and ``heal`` (a CRM down
+until its leads wait for retry slots a minute or more away, then healed: "heal → last lead delivered").
 Options given on the command line override the scenario's values. ``--json`` prints every figure, the
 scenario and the targets, so that runs can be compared across commits.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import resource
@@ -92,8 +93,17 @@ def _simulator_process(config: dict[str, Any], data_dir: str, out: multiprocessi
 class SimulatorProcess:
     """The simulator in a child process, inspected through its admin API."""
 
-    def __init__(self, publishers: int, latency: float, limits: dict[str, Any], data_dir: Path) -> None:
-        """Start the simulator with ``publishers`` orgs; raises RuntimeError if it cannot bind."""
+    def __init__(
+        self,
+        publishers: int,
+        latency: float,
+        limits: dict[str, Any],
+        data_dir: Path,
+        *,
+        execution: dict[str, float] | None = None,
+    ) -> None:
+        """Start the simulator with ``publishers`` orgs (``execution``: the orgs' execution time per
+        record, as in the simulator's config); raises RuntimeError if it cannot bind."""
         self.apps = {f"bench{i:02d}": (str(uuid.uuid4()), secrets.token_urlsafe(24)) for i in range(publishers)}
         config = {
             "orgs": [
@@ -102,6 +112,7 @@ class SimulatorProcess:
                     "solutionVersion": "1.2.0.0",
                     "latency": latency,
                     "limits": limits,
+                    "execution": execution or {},
                     "apps": [{"clientId": cid, "clientSecret": secret, "hasRole": True}],
                 }
                 for name, (cid, secret) in self.apps.items()
@@ -223,6 +234,11 @@ class RunFigures:
     crm_requests_per_second: float = 0.0
     leads_per_window: list[int] = field(default_factory=list)
     in_flight_at_push_back: int = 0
+    #: Server execution time the CRM charged during the run (seconds), per lead delivered (ms), and in
+    #: each whole limit window since the start (seconds; with ``window``).
+    execution_seconds: float = 0.0
+    execution_ms_per_lead: float = 0.0
+    execution_per_window: list[float] = field(default_factory=list)
 
 
 def _cpu_seconds() -> float:
@@ -244,6 +260,7 @@ def run_lead_writer(
     concurrency: int = 16,
     publisher_concurrency: int = 8,
     max_batch: int = MAX_BATCH,
+    create_multiple: bool = True,
     publishers: list[str] | None = None,
     awaited: set[str] | None = None,
     window: float | None = None,
@@ -264,6 +281,7 @@ def run_lead_writer(
             "REQUESTS_CA_BUNDLE": sim.info.ca_path,
             "LEADWRITER_LOG_LEVEL": "WARNING",
             "LEADWRITER_MAX_BATCH": str(max_batch),
+            "LEADWRITER_CREATE_MULTIPLE": "true" if create_multiple else "false",
         }
     )
     services = Services.from_settings(settings)
@@ -330,7 +348,14 @@ def run_lead_writer(
         if batch:
             services.transport.send(QUEUE_INCOMING, batch)
         deadline = started + (min(timeout, stop_after) if stop_after is not None else timeout)
-        while not done.wait(0.5) and time.monotonic() < deadline:
+        boundaries: list[float] = []  # the CRM's execution seconds at each whole window's end
+        while True:
+            now = time.monotonic()
+            next_boundary = started + (len(boundaries) + 1) * window if window else now + 0.5
+            if done.wait(max(0.0, min(0.5, next_boundary - now))) or time.monotonic() >= deadline:
+                break
+            if window and time.monotonic() >= next_boundary:
+                boundaries.append(sum(float(sim.request_log(p)["execution_seconds"]) for p in publishers))
             if progress is not None:
                 progress(len(delivered_at))
     finally:
@@ -345,6 +370,10 @@ def run_lead_writer(
     crm = sum(sim.crm_requests(p) - crm_before[p] for p in publishers)
     logs = {p: sim.request_log(p) for p in publishers}
     count = max(len(deliveries), 1)
+    execution_before = sum(float(logs_before[p]["execution_seconds"]) for p in publishers)
+    execution = sum(float(logs[p]["execution_seconds"]) for p in publishers) - execution_before
+    marks = [execution_before, *boundaries]
+    execution_windows = [round(b - a, 3) for a, b in itertools.pairwise(marks)]
     per_publisher: dict[str, float] = {}
     for publisher in publishers:
         times = [t for p, t in deliveries.values() if p == publisher]
@@ -382,6 +411,9 @@ def run_lead_writer(
         crm_requests_per_second=round(crm / elapsed, 2) if elapsed > 0 else 0.0,
         leads_per_window=windows,
         in_flight_at_push_back=in_flight_at_push_back,
+        execution_seconds=round(execution, 3),
+        execution_ms_per_lead=round(execution * 1000 / count, 3),
+        execution_per_window=execution_windows,
     )
     services.close()
     return figures
@@ -457,7 +489,7 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
 
 # --- scenarios ---------------------------------------------------------------------------------------
 
-ScenarioName = Literal["throughput", "nobatch", "limits", "overhead", "isolation", "memory", "heal"]
+ScenarioName = Literal["throughput", "nobatch", "limits", "execution", "overhead", "isolation", "memory", "heal"]
 
 
 @dataclass(frozen=True)
@@ -479,16 +511,29 @@ class Scenario:
     throttled_retry_after: float = 0.0
     #: heal: the CRM answers 503 until every lead waits for a slot at least this far away, then heals.
     heal_after_slot: float = 0.0
+    #: The execution-time budget per window (seconds); None: Dataverse's 1,200 s per 300 s, scaled.
+    execution_seconds_per_window: float | None = None
+    #: Server execution time per record (ms): a create of its own, a $batch part, a CreateMultiple target.
+    execution_ms: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: Several leads of a publisher go as CreateMultiple (else always $batch); the execution scenario
+    #: runs both paths.
+    create_multiple: bool = True
 
     @property
     def limits(self) -> dict[str, Any]:
-        # Dataverse's execution-time budget (1,200 s per 300 s) scaled with the window.
+        # Dataverse's execution-time budget (1,200 s per 300 s) scaled with the window, unless set.
+        budget = self.execution_seconds_per_window
         return {
             "requestsPerWindow": self.requests_per_window,
             "windowSeconds": self.window_seconds,
-            "executionSecondsPerWindow": 4.0 * self.window_seconds,
+            "executionSecondsPerWindow": 4.0 * self.window_seconds if budget is None else budget,
             "maxConcurrent": 52,
         }
+
+    @property
+    def execution(self) -> dict[str, float]:
+        create, part, target = self.execution_ms
+        return {"createMs": create, "batchPartMs": part, "createMultipleTargetMs": target}
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -514,6 +559,19 @@ SCENARIOS: dict[str, Scenario] = {
             requests_per_window=300,
             window_seconds=30.0,
             max_batch=1,
+        ),
+        Scenario(
+            "execution",
+            "execution time binds: 2 s of execution per 20 s window, 10/4/1 ms per create/$batch part/"
+            "CreateMultiple target, 5 ms latency, groups of 25; 3 windows with a backlog on each path",
+            7000,
+            latency=0.005,
+            # A group's cost must be small next to the budget, as on a real org (1 s of 1,200): each
+            # request in flight holds its estimated cost of the budget back until it ends.
+            max_batch=25,
+            window_seconds=20.0,
+            execution_seconds_per_window=2.0,
+            execution_ms=(10.0, 4.0, 1.0),
         ),
         Scenario(
             "overhead", "CRM latency 0, 100 leads/s offered: our own CPU and latency", 1000, latency=0.0, rate=100.0
@@ -568,6 +626,24 @@ def _targets(scenario: Scenario, result: dict[str, Any]) -> list[Target]:
             Target("sustained share of the allowed request rate", limits["sustained_share"], ">=", 0.9),
             Target("requests sent into a known penalty", limits["sent_into_known_penalty"], "<=", 0),
         ]
+    if name == "execution":
+        paths = result["execution"]
+        batch, bulk = paths["batch"], paths["create_multiple"]
+        return [
+            Target("sustained share of the execution budget ($batch)", batch["sustained_share"], ">=", 0.9),
+            Target(
+                "CreateMultiple leads/s vs 90 % of the budget spent on $batch (x)",
+                paths["create_multiple_vs_batch_at_90"],
+                ">=",
+                1.0,
+            ),
+            Target(
+                "requests sent into a known penalty (both paths)",
+                batch["sent_into_known_penalty"] + bulk["sent_into_known_penalty"],
+                "<=",
+                0,
+            ),
+        ]
     if name == "overhead":
         return [
             Target("CPU ms per lead (latency 0)", ours["cpu_ms_per_lead"], "<=", 3.0),
@@ -615,16 +691,26 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
             "requestsPerWindow": scenario.requests_per_window,
             "windowSeconds": scenario.window_seconds,
             "maxBatch": scenario.max_batch,
+            "createMultiple": scenario.create_multiple,
             "naiveLeads": scenario.naive_leads,
             "throttledRetryAfter": scenario.throttled_retry_after,
+            "executionSecondsPerWindow": scenario.limits["executionSecondsPerWindow"],
+            "executionMs": scenario.execution,
         },
     }
     with tempfile.TemporaryDirectory(prefix="leadwriter-bench-") as tmp:
-        sim = SimulatorProcess(scenario.publishers, scenario.latency, scenario.limits, Path(tmp) / "simulator")
+        sim = SimulatorProcess(
+            scenario.publishers,
+            scenario.latency,
+            scenario.limits,
+            Path(tmp) / "simulator",
+            execution=scenario.execution,
+        )
         try:
             common: dict[str, Any] = {
                 "rate": scenario.rate,
                 "max_batch": scenario.max_batch,
+                "create_multiple": scenario.create_multiple,
                 "concurrency": concurrency,
                 "timeout": max(600.0, scenario.leads / 2),
             }
@@ -633,6 +719,8 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
                 result["leadwriter"] = run_heal(sim, scenario, data_dir=Path(tmp) / "leadwriter")
             elif scenario.throttled_retry_after > 0:
                 result.update(_run_isolation(sim, scenario, Path(tmp), common))
+            elif scenario.name == "execution":
+                result.update(_run_execution(sim, scenario, Path(tmp), common))
             else:
                 _status(
                     f"[{scenario.name}] Lead Writer: {scenario.leads} leads, {scenario.publishers} publisher(s), "
@@ -753,6 +841,66 @@ def _limits_figures(scenario: Scenario, ours: RunFigures) -> dict[str, Any]:
     }
 
 
+def _execution_figures(scenario: Scenario, ours: RunFigures) -> dict[str, Any]:
+    """Sustained use of the execution-time budget: execution seconds the CRM charged in each whole
+    window after the first (the first holds the burst before the pacer learnt the window from its
+    429), against the budget; leads per second over those windows; execution time per lead; and
+    requests that reached the CRM inside a penalty beyond those in flight when the 429 came back."""
+    budget = float(scenario.limits["executionSecondsPerWindow"])
+    later = ours.execution_per_window[1:]
+    sustained = sum(later) / len(later) if later else None
+    leads_later = ours.leads_per_window[1:]
+    return {
+        "budget_seconds_per_window": budget,
+        "execution_per_window": ours.execution_per_window,
+        "leads_per_window": ours.leads_per_window,
+        "sustained_share": _ratio(sustained, budget),
+        "sustained_leads_per_second": (
+            round(sum(leads_later) / (len(leads_later) * scenario.window_seconds), 2) if leads_later else None
+        ),
+        "execution_ms_per_lead": ours.execution_ms_per_lead,
+        "crm_requests_per_lead": ours.crm_requests_per_lead,
+        "throttled": ours.throttled,
+        "requests_during_penalty": ours.requests_during_penalty,
+        "in_flight_at_push_back": ours.in_flight_at_push_back,
+        "sent_into_known_penalty": max(0, ours.requests_during_penalty - ours.in_flight_at_push_back),
+    }
+
+
+def _run_execution(sim: SimulatorProcess, scenario: Scenario, tmp: Path, common: dict[str, Any]) -> dict[str, Any]:
+    """The execution-bound run on each write path (CreateMultiple first, then $batch), each with a
+    fresh Lead Writer; between them the CRM's window is let pass, so each starts on a full budget."""
+    paths: dict[str, Any] = {}
+    runs: dict[str, RunFigures] = {}
+    for path, bulk in (("create_multiple", True), ("batch", False)):
+        _status(
+            f"[execution] Lead Writer on the {path} path: {scenario.leads} leads offered, "
+            f"3 windows of {scenario.window_seconds:g} s"
+        )
+        figures = run_lead_writer(
+            sim,
+            scenario.leads,
+            data_dir=tmp / path,
+            **{**common, "create_multiple": bulk},
+            window=scenario.window_seconds,
+            stop_after=3 * scenario.window_seconds + 1.0,
+            tag=path[:2],
+        )
+        runs[path] = figures
+        paths[path] = _execution_figures(scenario, figures)
+        # Let this path's execution time leave the CRM's window before the next path starts.
+        time.sleep(scenario.window_seconds + 1.0)
+    budget_per_second = float(scenario.limits["executionSecondsPerWindow"]) / scenario.window_seconds
+    batch_ms = paths["batch"]["execution_ms_per_lead"]
+    at_90 = 0.9 * budget_per_second * 1000 / batch_ms if batch_ms else None
+    paths["batch_leads_per_second_at_90_percent"] = round(at_90, 2) if at_90 else None
+    paths["create_multiple_vs_batch_at_90"] = _ratio(paths["create_multiple"]["sustained_leads_per_second"], at_90)
+    paths["execution_per_lead_batch_vs_create_multiple"] = _ratio(
+        batch_ms, paths["create_multiple"]["execution_ms_per_lead"]
+    )
+    return {"leadwriter": asdict(runs["create_multiple"]), "batch_path": asdict(runs["batch"]), "execution": paths}
+
+
 def _run_isolation(sim: SimulatorProcess, scenario: Scenario, tmp: Path, common: dict[str, Any]) -> dict[str, Any]:
     orgs = list(sim.apps)
     throttled, others = orgs[0], orgs[1:]
@@ -850,6 +998,9 @@ def run_bench(
 
 
 def _all_delivered(result: dict[str, Any]) -> bool:
+    if result["scenario"] == "execution" and "execution" in result:
+        # Each path stops after three windows by design, with leads still queued.
+        return bool(result["leadwriter"]["delivered"] > 0 and result["batch_path"]["delivered"] > 0)
     if result["scenario"] == "limits" and "limits" in result:
         # The run stops after three windows by design, with leads still queued.
         return bool(result["leadwriter"]["delivered"] > 0)
@@ -884,7 +1035,7 @@ def _print_tables(result: dict[str, Any]) -> None:
         table.add_row(*row)
     out = Console()
     out.print(table)
-    for extra in ("limits", "isolation"):
+    for extra in ("limits", "isolation", "execution"):
         if extra in result:
             out.print(f"{extra}: {json.dumps(result[extra])}")
     targets = Table(title="targets")

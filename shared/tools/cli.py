@@ -1030,7 +1030,10 @@ def demo(
 def bench(
     scenario: Annotated[
         str,
-        typer.Option(help="throughput (default), nobatch, limits, overhead, isolation or memory; see BENCHMARKS.md."),
+        typer.Option(
+            help="throughput (default), nobatch, limits, execution, overhead, isolation, memory or heal; "
+            "see BENCHMARKS.md."
+        ),
     ] = "throughput",
     leads: Annotated[int | None, typer.Option(min=1, help="Leads to deliver (default: the scenario's).")] = None,
     publishers: Annotated[int | None, typer.Option(min=1, help="Publishers the leads are spread over.")] = None,

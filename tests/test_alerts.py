@@ -29,11 +29,12 @@ from shared.pipeline.outcomes import Delivered, Reject, SettleAction, Stage
 from shared.pipeline.settle import Settled
 from shared.runtime.embedded import wait_until
 from shared.secretstore import make_secret_store
+from shared.simulator import CrmSimulator, SimOrg
 from shared.simulator.certs import ensure_certificates
 from shared.simulator.server import server_context
 from shared.state import EmbeddedStateStore
 from shared.transport.base import ReceivedMessage
-from tests.fixtures.api import ApiStack, api_stack, make_settings
+from tests.fixtures.api import ApiStack, api_stack, make_settings, password_body
 
 # -- the URL guard ---------------------------------------------------------------------------------------
 
@@ -312,3 +313,30 @@ def test_a_name_rebound_to_loopback_after_it_was_stored_is_not_called(tmp_path: 
     finally:
         service.close()
         state.close()
+
+
+def test_a_verified_connection_update_sends_connection_verified(
+    tmp_path: Path, receiver: Receiver, simulator: CrmSimulator, crm_org: SimOrg
+) -> None:
+    # One CA bundle that trusts both the simulated CRM and the local webhook receiver.
+    bundle = tmp_path / "ca-bundle.pem"
+    bundle.write_bytes(Path(simulator.ca_path).read_bytes() + Path(receiver.ca).read_bytes())
+    with api_stack(
+        tmp_path / "data",
+        simulator,
+        LEADWRITER_WEBHOOK_ALLOWED_HOSTS="localhost:*",
+        REQUESTS_CA_BUNDLE=str(bundle),
+    ) as stack:
+        answer = stack.client.put(
+            f"/api/publishers/{crm_org.name}/alerts", json={"webhookUrl": receiver.url}, headers=stack.admin()
+        )
+        assert answer.status_code == 200, answer.text
+
+        stored = stack.client.put(
+            f"/api/publishers/{crm_org.name}/connection", json=password_body(crm_org), headers=stack.admin()
+        )
+
+        assert stored.status_code == 200, stored.text
+        assert wait_until(lambda: receiver.events("connection.verified"), 15)
+        [event] = receiver.events("connection.verified")
+        assert event["publisherId"] == crm_org.name

@@ -164,6 +164,13 @@ def put_connection(
         "verified" if report else "not verified",
     )
     replayed, replay_error, job_id = _replay_configuration(services, publisher_id) if report else (0, None, None)
+    if report:
+        try:
+            services.alerts.emit(
+                publisher_id, "connection.verified", {"solutionVersion": report.verification.solution_version}
+            )
+        except Exception as exc:  # noqa: BLE001 - the connection is stored; an alert is never in the way
+            logger.warning("connection.verified alert for %s not queued: %s", publisher_id, type(exc).__name__)
     return ConnectionAnswer(
         publisher_id=publisher_id,
         connection=connection.redacted(),

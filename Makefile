@@ -64,4 +64,4 @@ serve: $(STAMP)
 	$(VENV)/bin/leadwriter serve
 
 clean:
-	rm -rf $(VENV) node_modules .leadwriter .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .leadwriter .mypy_cache .ruff_cache .pytest_cache

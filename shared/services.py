@@ -62,7 +62,7 @@ class Services:
     alerts: AlertService
     #: Settlement counters of this process (shared.ops.telemetry); fed by :meth:`observe`.
     metrics: Metrics = field(default_factory=Metrics)
-    #: Releases a healed CRM's scheduled retries early (issue 17); fed by :meth:`observe`. Its
+    #: Releases a healed CRM's scheduled retries early; fed by :meth:`observe`. Its
     #: releaser thread starts on the first recovery and stops in :meth:`close`.
     recovery: Recovery = field(init=False)
 
@@ -82,7 +82,7 @@ class Services:
         refresh = 1.0 if settings.state_backend == "tables" else 0.0
         penalties = Penalties(StatePenaltyStore(state, refresh_interval=refresh))
         # Service Bus cannot list scheduled messages: it records their sequence numbers in the state
-        # store, so a healed CRM's retries can be released early (issue 17).
+        # store, so a healed CRM's retries can be released early.
         transport = make_transport(settings, ledger=StateScheduledRetries(state))
         return cls(
             settings=settings,

@@ -1,4 +1,4 @@
-"""Depth and size bounds (issue 16, item 1): a body nested too deep is refused at every door, and every
+"""Depth and size bounds: a body nested too deep is refused at every door, and every
 path that shows a stored body — the dead-letter API, the status route, ``leadwriter deadletters list``
 — shows one that got in before the bounds without ever recursing."""
 

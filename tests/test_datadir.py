@@ -1,4 +1,4 @@
-"""A full or read-only data dir (issue 16, item 5), on a real small file system: a 1 MiB tmpfs mounted
+"""A full or read-only data dir, on a real small file system: a 1 MiB tmpfs mounted
 for the test (root only; skipped elsewhere) and always unmounted after it.
 
 - the data dir is 0700 and broker.db, secrets.db and status.db are 0600;

@@ -1,4 +1,4 @@
-"""Repeated invalid keys slow down per client address (issue 16, item 6), over real sockets from two
+"""Repeated invalid keys slow down per client address, over real sockets from two
 loopback addresses: the guessing address gets 429 with Retry-After, the other one is never delayed."""
 
 from __future__ import annotations

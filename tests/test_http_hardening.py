@@ -1,4 +1,4 @@
-"""HTTP server hardening (issue 16, item 2): connections that send nothing or trickle their headers are
+"""HTTP server hardening: connections that send nothing or trickle their headers are
 timed out, the API's connections are capped below what the workers need, ``/api/health`` and the stage
 workers keep going meanwhile, and a line that repeats thousands of times a second is rate-limited.
 

@@ -1,6 +1,6 @@
 """Mappings through the API against the CRM simulator over real sockets: validated live against the lead
 metadata, option set and records before they are stored (a bad one → 422 naming it, nothing stored), and a
-mapped, linked lead written with its binds (issue 13 items 3 and 6)."""
+mapped, linked lead written with its binds."""
 
 from __future__ import annotations
 

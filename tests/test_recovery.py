@@ -1,4 +1,4 @@
-"""Issue 17: when a CRM that had been failing answers successes again, its waiting retries go early —
+"""When a CRM that had been failing answers successes again, its waiting retries go early —
 at the paced rate, never into a penalty, never as a herd.
 
 The decisions are driven by hand first (:class:`Recovery` over the real embedded broker, a pacer on a

@@ -569,7 +569,7 @@ def test_stats_count_by_peeking_when_the_identity_lacks_the_manage_right() -> No
     assert stats.active + stats.scheduled == 5, "the fake answers every peek with the same five messages"
 
 
-# -- scheduled retries, recorded and released early (issue 17) -------------------------------------
+# -- scheduled retries, recorded and released early -------------------------------------
 
 
 class MemoryLedger:

@@ -1,4 +1,4 @@
-"""Failed sign-ins never lock an account (issue 16, item 3): a credential Entra rejected is not tried
+"""Failed sign-ins never lock an account: a credential Entra rejected is not tried
 again until the connection changes or the back-off passes, and while the token endpoint fails each
 principal backs off — counted as token requests at the simulator's Entra, over real sockets."""
 

@@ -1,4 +1,4 @@
-"""Setup that tells the truth (issue 13 item 5): the verification report names the exact privilege the
+"""Setup that tells the truth: the verification report names the exact privilege the
 Lead Writer role lacks (read live with RetrieveUserPrivileges from the simulator, whose org config can take
 single privileges out of the role), and a password connection stopped by MFA is steered to the Entra app
 (clientSecret) option."""

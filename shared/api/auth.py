@@ -238,11 +238,16 @@ class Guard:
             if not principal.admin:
                 raise Forbidden("this route needs the admin key")
         else:
-            target = request.path_params.get("publisherId")
-            if not isinstance(target, str) or not principal.may_act_for(target):
-                raise Forbidden("this key may act only for its own publisher")
+            self.check_scope(principal, request)
         setattr(request.state, _STATE_KEY, principal)
         return principal
+
+    def check_scope(self, principal: Principal, request: Request) -> None:
+        """The key may act for the publisher the request names (the ``publisherId`` path parameter).
+        Raises Forbidden (403)."""
+        target = request.path_params.get("publisherId")
+        if not isinstance(target, str) or not principal.may_act_for(target):
+            raise Forbidden("this key may act only for its own publisher")
 
     async def __call__(
         self,

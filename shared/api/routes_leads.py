@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 
 from shared.api.auth import (
@@ -26,10 +25,6 @@ from shared.api.auth import (
     Guard,
     GuardedRoute,
     Principal,
-    Unauthenticated,
-    bearer_key,
-    bearer_scheme,
-    identify,
     services_of,
 )
 from shared.api.errors import error_response
@@ -55,36 +50,14 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(route_class=GuardedRoute, tags=["leads"])
 
-_PRINCIPAL = "lead_principal"
-
-
 class LeadGuard(Guard):
     """Any valid key; a publisher key only for its own publisher (``?publisherId=`` when given)."""
 
-    async def authorize(self, request: Request) -> Principal:
-        """Raises Unauthenticated (401) or Forbidden (403); SecretStoreUnavailable when keys cannot be read."""
-        key = bearer_key(request)
-        if key is None:
-            raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
-        principal = await identify(services_of(request), key)
-        if principal is None:
-            raise Unauthenticated("the API key is not valid")
+    def check_scope(self, principal: Principal, request: Request) -> None:
+        """Raises Forbidden (403) for a publisher key and another publisher's ``publisherId``."""
         target = request.query_params.get("publisherId")
         if target and not principal.may_act_for(target):
             raise Forbidden("this key may act only for its own publisher")
-        setattr(request.state, _PRINCIPAL, principal)
-        return principal
-
-    async def __call__(
-        self,
-        request: Request,
-        # Declared so OpenAPI shows the bearer scheme; the key itself is read in authorize().
-        _credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
-    ) -> Principal:
-        principal = getattr(request.state, _PRINCIPAL, None)
-        if isinstance(principal, Principal):
-            return principal
-        return await self.authorize(request)
 
 
 LEAD_READER = LeadGuard()

@@ -1,4 +1,4 @@
-"""A publisher's CRM as a mapping sees it (architecture §6 mapping; issue 13 item 3): the ``lead`` metadata,
+"""A publisher's CRM as a mapping sees it (architecture §6 mapping): the ``lead`` metadata,
 the option set, the records a mapping names, and the contact or account a lead links to by e-mail.
 
 :func:`validate_mapping` checks a :class:`~shared.pipeline.mapping.Mapping` live — an unknown column, a

@@ -1,4 +1,4 @@
-"""A rate limit for log lines (issue 16, item 2): the same line at most a few times a second.
+"""A rate limit for log lines: the same line at most a few times a second.
 
 A line that can repeat thousands of times a second — an accept error while file descriptors run out,
 a refused connection — must not fill the disk. :class:`RateLimitFilter` lets through at most

@@ -1,4 +1,4 @@
-"""How one publisher's leads land (architecture §6 mapping body; issue 13 items 3, 4): the :class:`Mapping`
+"""How one publisher's leads land (architecture §6 mapping body): the :class:`Mapping`
 model, its small template language, and :func:`columns_for`, which turns a lead into Dataverse columns.
 
 Templates put lead fields in braces, case-insensitively: ``{OfferTitle}: {ActionCode} — {Company}``;

@@ -1,4 +1,4 @@
-"""Releasing a healed CRM's waiting retries early (issue 17), at the paced rate, never into a penalty.
+"""Releasing a healed CRM's waiting retries early, at the paced rate, never into a penalty.
 
 The retry schedule (5 s, 15 s, 1 min, 5 min …) protects a CRM that is down; once the same CRM answers
 successes again, the leads waiting out their slots are only late. :class:`Recovery` watches every

@@ -1,4 +1,4 @@
-"""The simulated metadata and records a publisher's mapping refers to (issue 13 item 6), in Dataverse's
+"""The simulated metadata and records a publisher's mapping refers to, in Dataverse's
 shapes and with its errors: ``EntityDefinitions(LogicalName='lead')/Attributes`` (and the String / Memo /
 Picklist casts with ``MaxLength`` and the option set), ``campaigns``, ``systemusers``, ``teams``,
 ``contacts`` and ``accounts`` by id or by ``$filter=emailaddress1 eq '…'``, and the lookups

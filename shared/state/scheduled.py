@@ -1,4 +1,4 @@
-"""The scheduled-retry ledger on the state port (issue 17): which Service Bus sequence numbers wait.
+"""The scheduled-retry ledger on the state port: which Service Bus sequence numbers wait.
 
 Service Bus cannot list a queue's scheduled messages by publisher, so the Service Bus adapter records
 each one it schedules here (a :class:`~shared.transport.base.ScheduleLedger`): one entity per

@@ -1,4 +1,4 @@
-"""How ``leadwriter serve`` runs uvicorn so that no client can take the process down (issue 16, item 2).
+"""How ``leadwriter serve`` runs uvicorn so that no client can take the process down.
 
 - **A request must arrive in time.** uvicorn times out an idle keep-alive connection, but not a
   connection that never sends anything, nor one that trickles its headers or body a byte at a time.

@@ -14,7 +14,7 @@ Semantics every adapter keeps:
 - Dead letters keep body, message id and application properties, plus ``dead_letter_reason`` and
   ``dead_letter_description``; they are read from the queue's dead-letter sub-queue.
 - ``release_scheduled`` brings a publisher's scheduled (not yet visible) messages forward to now,
-  earliest due first (when its CRM heals: issue 17); ``scheduled_of`` counts what still waits.
+  earliest due first (when its CRM heals); ``scheduled_of`` counts what still waits.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ _INSERT = (
     "INSERT INTO messages (queue, state, message_id, body, properties, content_type, enqueued_at,"
     " visible_at, expires_at, publisher) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# The publisher id property in a column of its own (issue 17: a healed CRM's scheduled retries are
+# The publisher id property in a column of its own (a healed CRM's scheduled retries are
 # found by publisher). Added to files made before it, and filled from the properties, on open.
 _ADD_PUBLISHER = "ALTER TABLE messages ADD COLUMN publisher TEXT"
 _FILL_PUBLISHER = "UPDATE messages SET publisher = json_extract(properties, ?) WHERE publisher IS NULL"
@@ -439,7 +439,7 @@ class EmbeddedBroker:
                 conn.execute("DELETE FROM dedup WHERE sent_at <= ?", (cutoff,))
         self._notify(queue, _ACTIVE, len(rows))
 
-    # -- releasing scheduled messages (issue 17) ---------------------------------------------------
+    # -- releasing scheduled messages ---------------------------------------------------
 
     def release_scheduled(self, queue: str, publisher_id: str, max_messages: int) -> int:
         """Bring up to ``max_messages`` of the publisher's scheduled retries on ``queue`` forward to

@@ -21,7 +21,7 @@ namespace here (it is skipped with that reason); nothing about service-side beha
 detection, TTL, max delivery count, scheduling) was exercised against Service Bus itself — those are
 the namespace's and queue's configuration (infra/), not this adapter's.
 
-Releasing scheduled retries early (issue 17): Service Bus cannot list or move scheduled messages, so
+Releasing scheduled retries early: Service Bus cannot list or move scheduled messages, so
 with a ``ledger`` the adapter schedules through ``schedule_messages`` and records each sequence number
 (queue, publisher, due) in it — the state store, wired by the composition root. ``release_scheduled``
 peeks each recorded message by its sequence number, sends a copy now (a new message id: the deferral
@@ -271,7 +271,7 @@ class ServiceBusTransport:
                     batch.add_message(message)
             sender.send_messages(batch)
 
-    # -- scheduled messages, and releasing them early (issue 17) -----------------------------------
+    # -- scheduled messages, and releasing them early -----------------------------------
 
     def _schedule(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         """Schedule through ``schedule_messages`` (which answers the sequence numbers) and record them.

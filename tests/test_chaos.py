@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,8 @@ LEADS = 2000
 KILLS = 6
 
 
-@pytest.fixture
-def serve_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
 def test_faults_and_six_kills_during_two_thousand_leads_end_with_every_lead_once_and_nothing_pending(
-    simulator: CrmSimulator, tmp_path: Path, serve_processes: list[subprocess.Popen[bytes]]
+    simulator: CrmSimulator, tmp_path: Path, worker_processes: list[subprocess.Popen[bytes]]
 ) -> None:
     # The schedule outlasts the chaos (about 40 s of retries), so no lead runs out of attempts while the
     # CRM misbehaves; the hangs are longer than the read timeout, so the client gives up on them.
@@ -54,7 +43,7 @@ def test_faults_and_six_kills_during_two_thousand_leads_end_with_every_lead_once
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            serve_processes.append(process)
+            worker_processes.append(process)
             return process
 
         def written() -> int:

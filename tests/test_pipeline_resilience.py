@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from tests.fixtures.harness import lead_message, running, worker_env
 pytestmark = pytest.mark.usefixtures("runtime")
 
 
-
-
-@pytest.fixture
-def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def test_killing_a_worker_mid_flight_loses_nothing_and_writes_nothing_twice(

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: Penalties remembered per process at most (CRM users); the oldest-ending are forgotten first.
 MAX_KEYS = 10_000
+#: Seconds between looks for a request window another instance learnt, per CRM user.
+WINDOW_REFRESH = 5.0
 _PENALTY_PARTITION = "penalty"
 _WINDOW_PARTITION = "window"
 
@@ -156,6 +158,7 @@ class Penalties:
         self._checked: dict[str, float] = {}
         #: Request windows the CRM named in a 429 (limit, seconds), learnt here or by another instance.
         self._windows: dict[str, tuple[int, float]] = {}
+        self._window_checked: dict[str, float] = {}
 
     def local_remaining(self, key: str) -> float:
         """Seconds left in ``key``'s penalty as this process knows it (0 when none); no I/O."""
@@ -177,7 +180,7 @@ class Penalties:
             self._bound(self._checked)
         try:
             until = self._store.read(key)
-            window = self._store.read_window(key) if key not in self._windows else None
+            window = self._store.read_window(key) if self._window_due(key, now) else None
         except Exception:  # noqa: BLE001 - a store outage must not stop deliveries; our own record holds
             logger.warning("the shared penalty of a CRM user could not be read; using this process's record")
             return 0.0
@@ -200,6 +203,19 @@ class Penalties:
             self._store.extend(key, self._wall() + seconds)
         except Exception:  # noqa: BLE001 - best effort: this process is held either way
             logger.warning("the penalty of a CRM user could not be shared; only this process holds it")
+
+    def _window_due(self, key: str, now: float) -> bool:
+        """Whether to look for a window another instance learnt: not once one is known, and at most
+        every WINDOW_REFRESH seconds (the penalty is read before every request on one machine)."""
+        with self._lock:
+            if key in self._windows:
+                return False
+            last = self._window_checked.get(key)
+            if last is not None and now - last < WINDOW_REFRESH:
+                return False
+            self._window_checked[key] = now
+            self._bound(self._window_checked)
+            return True
 
     def window(self, key: str) -> tuple[int, float] | None:
         """The request window (limit, seconds) known for ``key`` — learnt here, or read from the

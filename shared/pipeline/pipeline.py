@@ -56,6 +56,10 @@ _STEPS: dict[Stage, StageStep] = {
 }
 
 
+def _missing(publisher_id: str) -> CredentialsMissing:
+    return CredentialsMissing(f"no CRM connection is stored for publisher {publisher_id!r}")
+
+
 class Pipeline:
     """The three stages over shared caches. Thread-safe; one instance per process (the composition
     root in :mod:`shared.services` makes it), so a connection update seen by the API is seen by the
@@ -89,26 +93,42 @@ class Pipeline:
         #: Contacts/accounts found by e-mail for linking, per CRM (one query per customer, cached).
         self.links = ExistingRecords()
         self.key_locks: KeyedLocks[object] = KeyedLocks()
+        self._connection_reads: KeyedLocks[str] = KeyedLocks()
 
     # -- shared pieces -------------------------------------------------------------------------
 
     def connection(self, publisher_id: str, *, fresh: bool = False) -> Connection:
         """The publisher's connection (cached). Raises CredentialsMissing when none is stored."""
-        missing = CredentialsMissing(f"no CRM connection is stored for publisher {publisher_id!r}")
+        cached = self._cached_connection(publisher_id, fresh)
+        if cached is not None:
+            return cached
+        # One read per publisher at a time: a backlog's first leads arrive together on every worker
+        # thread, and each must not become its own secret-store transaction.
+        with self._connection_reads.lock(publisher_id):
+            cached = self._cached_connection(publisher_id, fresh)
+            if cached is not None:
+                return cached
+            return self._read_connection(publisher_id)
+
+    def _cached_connection(self, publisher_id: str, fresh: bool) -> Connection | None:
+        """What the caches know: the connection, None (ask the store), or CredentialsMissing raised."""
         if not fresh:
             cached = self._connection_cache.get(publisher_id)
             if cached is not None:
                 return cached
             if self._missing.get(publisher_id):
-                raise missing
+                raise _missing(publisher_id)
         elif self._fresh_missing.get(publisher_id):
-            raise missing
+            raise _missing(publisher_id)
+        return None
+
+    def _read_connection(self, publisher_id: str) -> Connection:
         connection = self.connections.get(publisher_id)
         if connection is None:
             self._connection_cache.pop(publisher_id)
             self._missing.put(publisher_id, True, MISSING_TTL)
             self._fresh_missing.put(publisher_id, True, FRESH_READ_INTERVAL)
-            raise missing
+            raise _missing(publisher_id)
         self._missing.pop(publisher_id)
         self._fresh_missing.pop(publisher_id)
         self._connection_cache.put(publisher_id, connection, CONNECTION_TTL)

@@ -93,7 +93,6 @@ class Pipeline:
         #: Contacts/accounts found by e-mail for linking, per CRM (one query per customer, cached).
         self.links = ExistingRecords()
         self.key_locks: KeyedLocks[object] = KeyedLocks()
-        self._connection_reads: KeyedLocks[str] = KeyedLocks()
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -104,7 +103,7 @@ class Pipeline:
             return cached
         # One read per publisher at a time: a backlog's first leads arrive together on every worker
         # thread, and each must not become its own secret-store transaction.
-        with self._connection_reads.lock(publisher_id):
+        with self.key_locks.lock(("connection", publisher_id)):
             cached = self._cached_connection(publisher_id, fresh)
             if cached is not None:
                 return cached

@@ -552,6 +552,11 @@ class StatsAnswer(ApiModel):
     publishers_failing: list[FailingPublisher] = Field(
         description="Publishers whose leads keep failing for a reason they fix: credentials, solution or role."
     )
+    secret_store_reads: int | None = Field(
+        default=None,
+        description="Connections this process read from the secret store since it started (the cache answers "
+        "the rest): how often leads cost a Key Vault read.",
+    )
 
 
 class JourneyEventAnswer(ApiModel):

@@ -249,4 +249,4 @@ def stats(_admin: AdminAccess, services: ServicesDep) -> StatsAnswer:
         for status in services.status.all()
         if status.consecutive_config_failures > 0
     ]
-    return StatsAnswer(queues=queues, publishers_failing=failing)
+    return StatsAnswer(queues=queues, publishers_failing=failing, secret_store_reads=services.connections.reads)

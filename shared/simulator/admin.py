@@ -5,6 +5,7 @@ separately started simulator be inspected and driven (by the demo, a test, or a 
     POST /_simulator/orgs                          add an org: a config-file org object (users, apps too)
     GET  /_simulator/orgs/{org}                    one org
     GET  /_simulator/orgs/{org}/leads              {"value": [lead, …]} in write order
+    GET  /_simulator/orgs/{org}/leads/count        {"count": n}: how many leads are stored (cheap to poll)
     GET  /_simulator/orgs/{org}/requests           the RequestLog counters
     GET  /_simulator/orgs/{org}/faults             pending faults and added latency
     POST /_simulator/orgs/{org}/faults             {"latency": s, "fail_next": {"n", "status"},
@@ -129,6 +130,8 @@ class AdminApi:
             return json_response(200, sim.describe(org))
         if rest == ["leads"] and method == "GET":
             return json_response(200, {"value": sim.leads(org)})
+        if rest == ["leads", "count"] and method == "GET":
+            return json_response(200, {"count": sim.lead_count(org)})
         if rest == ["requests"] and method == "GET":
             return json_response(200, dataclasses.asdict(sim.requests(org)))
         if rest == ["faults"]:

@@ -429,6 +429,12 @@ class CrmSimulator:
         with state.lock:
             return [dict(record) for record in state.leads.values()]
 
+    def lead_count(self, org: str) -> int:
+        """How many lead records ``org`` holds (without copying them)."""
+        state = self._directory.org(org)
+        with state.lock:
+            return len(state.leads)
+
     def requests(self, org: str) -> RequestLog:
         """A snapshot of ``org``'s CRM request counters."""
         return self._directory.org(org).counters.snapshot()

@@ -9,7 +9,8 @@ time), as a ratio. Figures are measured, never asserted: machines are shared and
 
 Scenarios (``leadwriter bench --scenario NAME``) set the run up for one performance target each and
 report that target's figure next to it (see BENCHMARKS.md): ``throughput`` (the default run),
-``nobatch``, ``limits``, ``execution``, ``overhead``, ``isolation``, ``memory`` and ``heal`` (a CRM down
+``nobatch``, ``limits``, ``execution``, ``overhead``, ``isolation``, ``memory``, ``endtoend`` (the real
+``serve`` and ``enqueue`` processes, or serve's HTTP ingest: see bench_endtoend) and ``heal`` (a CRM down
 until its leads wait for retry slots a minute or more away, then healed: "heal → last lead delivered").
 Options given on the command line override the scenario's values. ``--json`` prints every figure, the
 scenario and the targets, so that runs can be compared across commits.
@@ -489,7 +490,9 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
 
 # --- scenarios ---------------------------------------------------------------------------------------
 
-ScenarioName = Literal["throughput", "nobatch", "limits", "execution", "overhead", "isolation", "memory", "heal"]
+ScenarioName = Literal[
+    "throughput", "nobatch", "limits", "execution", "overhead", "isolation", "memory", "heal", "endtoend"
+]
 
 
 @dataclass(frozen=True)
@@ -585,6 +588,13 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("memory", "10,000 leads in flight over 10 publishers: peak RSS", 10_000, publishers=10),
         Scenario(
+            "endtoend",
+            "3000 leads, 1 publisher, 50 ms CRM latency, through `leadwriter serve` fed by `leadwriter enqueue -`,"
+            " then by POSTs to its ingest endpoint (processes); against the naive deliverer",
+            3000,
+            naive_leads=100,
+        ),
+        Scenario(
             "heal",
             "500 leads, the CRM down (503) until each waits for its 1 min slot, then healed: heal → last delivered",
             500,
@@ -657,6 +667,15 @@ def _targets(scenario: Scenario, result: dict[str, Any]) -> list[Target]:
         ]
     if name == "memory":
         return [Target("peak RSS MB at 10,000 leads in flight", ours["peak_rss_mb"], "<=", 200.0)]
+    if name == "endtoend":
+        from shared.tools.bench_endtoend import all_stored_once
+
+        paths = result["endtoend"]
+        return [
+            Target("end to end via enqueue: speed-up over naive (x)", paths["enqueue"]["speedup"], ">=", 50.0),
+            Target("end to end via HTTP ingest: speed-up over naive (x)", paths["http"]["speedup"], ">=", 50.0),
+            Target("end to end: each lead stored once, none left", float(all_stored_once(result)), ">=", 1.0),
+        ]
     if name == "heal":
         return [
             Target("heal → last lead delivered (s)", ours["heal_to_last_delivered_seconds"], "<=", 60.0),
@@ -719,6 +738,10 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
                 result["leadwriter"] = run_heal(sim, scenario, data_dir=Path(tmp) / "leadwriter")
             elif scenario.throttled_retry_after > 0:
                 result.update(_run_isolation(sim, scenario, Path(tmp), common))
+            elif scenario.name == "endtoend":
+                from shared.tools.bench_endtoend import run_endtoend
+
+                result.update(run_endtoend(sim, scenario, Path(tmp)))
             elif scenario.name == "execution":
                 result.update(_run_execution(sim, scenario, Path(tmp), common))
             else:
@@ -741,7 +764,7 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
                 if limited:
                     result["limits"] = _limits_figures(scenario, ours)
             naive_count = min(scenario.naive_leads, scenario.leads)
-            if naive_count > 0:
+            if naive_count > 0 and "naive" not in result:  # endtoend runs its own, between its paths' figures
                 _status(f"[{scenario.name}] naive deliverer: {naive_count} leads")
                 naive = run_naive(sim, naive_count)
                 result["naive"] = asdict(naive)
@@ -998,6 +1021,10 @@ def run_bench(
 
 
 def _all_delivered(result: dict[str, Any]) -> bool:
+    if result["scenario"] == "endtoend" and "endtoend" in result:
+        from shared.tools.bench_endtoend import all_stored_once
+
+        return all_stored_once(result)
     if result["scenario"] == "execution" and "execution" in result:
         # Each path stops after three windows by design, with leads still queued.
         return bool(result["leadwriter"]["delivered"] > 0 and result["batch_path"]["delivered"] > 0)
@@ -1018,24 +1045,29 @@ def _print_tables(result: dict[str, Any]) -> None:
     other_name, other = ("naive", result.get("naive"))
     if "unthrottled" in result:
         other_name, other = "nine alone", result["unthrottled"]
+    second = result.get("http_path")  # endtoend: the HTTP ingest path beside the enqueue path
     title = f"leadwriter bench --scenario {result['scenario']}"
     if result.get("speedup") is not None:
         title += f" — speed-up over the naive deliverer: {result['speedup']}x"
     table = Table(title=title)
     table.add_column("figure")
-    table.add_column("Lead Writer", justify="right")
+    table.add_column("Lead Writer" if second is None else "via enqueue", justify="right")
+    if second is not None:
+        table.add_column("via HTTP", justify="right")
     if other is not None:
         table.add_column(other_name, justify="right")
     for name, value in ours.items():
         if name == "per_publisher_leads_per_second":
             continue
         row = [name.replace("_", " "), str(value)]
+        if second is not None:
+            row.append(str(second.get(name)))
         if other is not None:
             row.append(str(other.get(name)))
         table.add_row(*row)
     out = Console()
     out.print(table)
-    for extra in ("limits", "isolation", "execution"):
+    for extra in ("limits", "isolation", "execution", "endtoend"):
         if extra in result:
             out.print(f"{extra}: {json.dumps(result[extra])}")
     targets = Table(title="targets")

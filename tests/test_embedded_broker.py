@@ -478,3 +478,34 @@ def test_make_transport_builds_an_embedded_broker_in_the_data_dir(tmp_path: Path
         assert transport.path.exists()
     finally:
         transport.close()
+
+
+def test_complete_many_removes_the_locked_messages_in_one_go_and_returns_those_whose_lock_ran_out(
+    broker_factory: BrokerFactory, fake_clock: FakeClock
+) -> None:
+    broker = broker_factory(clock=fake_clock, lock_duration=10)
+    broker.send(QUEUE, [message("early")])
+    [early] = broker.receive(QUEUE)
+    fake_clock.advance(6)
+    broker.send(QUEUE, [message(f"lead-{n}") for n in range(3)])
+    later = broker.receive(QUEUE, max_messages=3)
+    fake_clock.advance(5)  # the first lock has run out, the others have not
+
+    lost = broker.complete_many([early, *later])
+
+    assert [m.message_id for m in lost] == ["early"]
+    [again] = broker.receive(QUEUE, max_messages=5)
+    assert (again.message_id, again.delivery_count) == ("early", 2)
+    assert broker.complete_many([]) == []
+
+
+def test_complete_many_refuses_a_peeked_message_before_removing_anything(broker: EmbeddedBroker) -> None:
+    broker.send(QUEUE, [message("locked"), message("dead")])
+    locked, dead = broker.receive(QUEUE, max_messages=2)
+    broker.dead_letter(dead, "LeadRejected", "400")
+    [peeked] = broker.peek_dead_letters(QUEUE)
+
+    with pytest.raises(ValueError, match="peeked"):
+        broker.complete_many([locked, peeked])
+
+    assert broker.stats(QUEUE).active == 1, "the locked message is still there"

@@ -24,7 +24,7 @@ from shared.pipeline.lead import mask_email
 from shared.pipeline.messages import attempt_of, deferrals_of, rescheduled_copy
 from shared.pipeline.outcomes import Delivered, Forward, Outcome, Reject, Retry, SettleAction, Stage
 from shared.pipeline.retry import next_retry
-from shared.transport.base import OutgoingMessage, ReceivedMessage
+from shared.transport.base import LockLost, OutgoingMessage, ReceivedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,89 @@ def settle(
     if observer is not None:
         observer(result)
     return result
+
+
+def settle_many(
+    stage: Stage | str,
+    items: Sequence[tuple[ReceivedMessage, Outcome, float | None]],
+    *,
+    sender: Sender,
+    settler: Settler,
+    observer: Observer | None = None,
+    schedule: Sequence[float] = (),
+    on_error: Callable[[ReceivedMessage, Exception], None] | None = None,
+) -> list[Settled]:
+    """Carry out the outcomes of several messages of one stage, in the same safe order as
+    :func:`settle`: every forward is sent first (one send per target queue: one broker transaction),
+    then the forwarded and delivered messages are completed — in one write where the settler has
+    ``complete_many``. Other outcomes (retries, dead letters) are settled one by one with
+    :func:`settle`. ``(message, outcome, started)`` per item; the Settled of each message settled.
+
+    A message that could not be settled (its lock was lost, the broker failed) is passed to
+    ``on_error`` (default: raise) and is not observed: it is delivered again after its lock expires,
+    its forward dropped by duplicate detection — nothing is lost.
+    """
+    stage = Stage(stage)
+
+    def failed(message: ReceivedMessage, exc: Exception) -> None:
+        if on_error is None:
+            raise exc
+        on_error(message, exc)
+
+    simple: list[tuple[ReceivedMessage, Outcome, float | None]] = []
+    results: list[Settled] = []
+    for item in items:
+        message, outcome, started = item
+        if isinstance(outcome, Forward | Delivered):
+            simple.append(item)
+            continue
+        try:
+            results.append(
+                settle(
+                    stage, message, outcome, sender=sender, settler=settler, started=started,
+                    observer=observer, schedule=schedule,
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - handed to on_error, which logs or raises it
+            failed(message, exc)
+    if not simple:
+        return results
+    by_queue: dict[str, list[OutgoingMessage]] = {}
+    for _, outcome, _ in simple:
+        if isinstance(outcome, Forward):
+            by_queue.setdefault(outcome.queue, []).append(outcome.message)
+    try:
+        for queue, outgoing in by_queue.items():
+            sender.send(queue, outgoing)
+        messages = [message for message, _, _ in simple]
+        complete_many = getattr(settler, "complete_many", None)
+        if complete_many is not None:
+            lost_ids = {id(m) for m in complete_many(messages)}
+        else:
+            lost_ids = set()
+            for message in messages:
+                try:
+                    settler.complete(message)
+                except LockLost:
+                    lost_ids.add(id(message))
+    except Exception as exc:  # noqa: BLE001 - every message of the group stays locked, to be redelivered
+        for message, _, _ in simple:
+            failed(message, exc)
+        return results
+    for message, outcome, started in simple:
+        if id(message) in lost_ids:
+            failed(
+                message,
+                LockLost(f"the lock on message {message.message_id} on {message.queue} expired or it was settled"),
+            )
+            continue
+        action = SettleAction.FORWARDED if isinstance(outcome, Forward) else SettleAction.DELIVERED
+        result = Settled(stage, action, message, outcome)
+        log_settlement(result, started)
+        if observer is not None:
+            observer(result)
+        results.append(result)
+    return results
 
 
 def log_settlement(result: Settled, started: float | None) -> None:

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from shared.names import PROP_PUBLISHER_ID
 from shared.pipeline.outcomes import Outcome, Retry, Stage
 from shared.pipeline.pipeline import Pipeline
-from shared.pipeline.settle import Observer, settle
+from shared.pipeline.settle import Observer, settle, settle_many
 from shared.transport.base import LockLost, ReceivedMessage, Transport
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ PACE_WINDOW = 10.0
 #: A busy publisher's overflow is put off at least this long, and at most this long.
 MIN_OVERFLOW_DELAY = 1.0
 MAX_OVERFLOW_DELAY = 60.0
+#: Messages of one publisher a non-write stage handles in one go when its backlog is long: their
+#: forwards go in one send and their completions in one broker write, not one of each per message.
+SETTLE_GROUP = 50
 #: A held publisher is dispatched this much before its wait ends: the pacer's short wait
 #: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
 HOLD_EARLY = 0.03
@@ -211,7 +214,13 @@ class StageWorker:
                         continue
                     limit = min(limit, state.in_flight + max(1, room))
                 while state.backlog and state.in_flight < limit and self._busy < self.concurrency:
-                    take = min(len(state.backlog), self.max_batch) if self.batching else 1
+                    if self.batching:
+                        take = min(len(state.backlog), self.max_batch)
+                    else:
+                        # A backlog is shared out over the free slots in groups (up to SETTLE_GROUP), each
+                        # settled with one send and one complete; a short one still goes one per slot.
+                        slots = max(1, min(limit - state.in_flight, self.concurrency - self._busy))
+                        take = max(1, min(len(state.backlog) // slots, SETTLE_GROUP))
                     batch = [state.backlog.popleft() for _ in range(take)]
                     state.in_flight += 1
                     self._busy += 1
@@ -226,9 +235,12 @@ class StageWorker:
             messages = [m for m, _ in batch]
             if len(messages) == 1:
                 outcomes: list[Outcome] = [self.pipeline.handle(self.stage, messages[0])]
-            else:
+            elif self.batching:
                 outcomes = self.pipeline.write_leads(messages)
+            else:
+                outcomes = [self.pipeline.handle(self.stage, message) for message in messages]
             failed = reached = 0
+            done: list[tuple[ReceivedMessage, Outcome, float | None]] = []
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Retry) and outcome.not_sent:
                     held.append(item)
@@ -236,7 +248,11 @@ class StageWorker:
                 else:
                     reached += 1
                     failed += isinstance(outcome, Retry)
-                    self._run_outcome(item[0], outcome, item[1])
+                    done.append((item[0], outcome, item[1]))
+            if len(done) == 1:
+                self._run_outcome(*done[0])
+            elif done:
+                self._run_outcomes(done)
             if reached:
                 state.failing = failed == reached
         finally:
@@ -256,7 +272,7 @@ class StageWorker:
                     state.finished.extend([now] * (len(batch) - len(held)))
                 self._lock.notify_all()
 
-    def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:
+    def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float | None) -> None:
         try:
             settle(
                 self.stage,
@@ -274,6 +290,35 @@ class StageWorker:
             logger.exception(
                 "stage %s: settling message %s failed; it will be redelivered", self.stage, message.message_id
             )
+
+    def _run_outcomes(self, done: list[tuple[ReceivedMessage, Outcome, float | None]]) -> None:
+        """Settle a group: its forwards in one send, its completions in one broker write."""
+
+        def failed(message: ReceivedMessage, exc: Exception) -> None:
+            if isinstance(exc, LockLost):
+                logger.warning(
+                    "stage %s: lock lost on message %s; it will be redelivered", self.stage, message.message_id
+                )
+            else:
+                logger.error(
+                    "stage %s: settling message %s failed (%s); it will be redelivered",
+                    self.stage,
+                    message.message_id,
+                    type(exc).__name__,
+                )
+
+        try:
+            settle_many(
+                self.stage,
+                done,
+                sender=self.transport,
+                settler=self.transport,
+                observer=self.observer,
+                schedule=self.pipeline.settings.retry_schedule,
+                on_error=failed,
+            )
+        except Exception:
+            logger.exception("stage %s: settling %d messages failed; they will be redelivered", self.stage, len(done))
 
     def _renew_locks(self) -> None:
         """Renew the locks of held *and* in-flight messages that would lapse soon: a slow CRM call (up

@@ -42,7 +42,7 @@ from shared.ops.telemetry import (
 )
 from shared.pipeline.messages import envelope
 from shared.pipeline.outcomes import STAGES, Delivered, Forward, Outcome, Reject, Retry
-from shared.pipeline.settle import Settled, settle
+from shared.pipeline.settle import Settled, SettlementSummary, settle
 from shared.services import Services
 from shared.settings import Settings
 from shared.transport.embedded import EmbeddedBroker
@@ -332,12 +332,12 @@ def test_the_settlement_log_line_is_one_structured_line_with_the_email_masked(
 @pytest.mark.parametrize(
     ("stage", "outcome", "action", "reason", "level"),
     [
-        ("validate_credentials", "forward", FORWARDED, "-", logging.INFO),
-        ("write_lead", "delivered", DELIVERED, "-", logging.INFO),
+        ("validate_credentials", "forward", FORWARDED, "-", logging.DEBUG),
+        ("write_lead", "delivered", DELIVERED, "-", logging.DEBUG),
         ("check_solution", "reject", DEAD_LETTERED, "SolutionVersionUnsupported", logging.WARNING),
     ],
 )
-def test_every_outcome_logs_its_stage_outcome_and_reason(
+def test_every_outcome_logs_its_stage_outcome_and_reason_forwards_and_deliveries_at_debug(
     broker: EmbeddedBroker,
     caplog: pytest.LogCaptureFixture,
     stage: str,
@@ -351,7 +351,7 @@ def test_every_outcome_logs_its_stage_outcome_and_reason(
         "delivered": Delivered(uuid.uuid4(), created=True),
         "reject": Reject(DeadLetterReason.SOLUTION_VERSION_UNSUPPORTED, "0.9.0.0 is below 1.0.0.0"),
     }
-    with caplog.at_level(logging.INFO, logger="shared.pipeline.settle"):
+    with caplog.at_level(logging.DEBUG, logger="shared.pipeline.settle"):
         settle_one(broker, stage, outcomes[outcome], lead_id="lead-42", publisher_id="fabrikam", attempt=3)
 
     [record] = _settlement_records(caplog)
@@ -359,6 +359,24 @@ def test_every_outcome_logs_its_stage_outcome_and_reason(
     assert (fields["stage"], fields["outcome"], fields["reason"]) == (stage, action, reason)
     assert (fields["publisherId"], fields["leadId"], fields["attempt"]) == ("fabrikam", "lead-42", "3")
     assert record.levelno == level
+
+
+def test_forwards_and_deliveries_are_summed_up_in_one_info_line_a_minute(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    summary = SettlementSummary(60.0, clock=lambda: now[0])
+    forwarded = settle_one(broker, "validate_credentials", forward_to(QUEUE_VALIDATED), lead_id="a", publisher_id="p")
+    delivered = settle_one(broker, "write_lead", Delivered(uuid.uuid4(), created=True), lead_id="b", publisher_id="p")
+    with caplog.at_level(logging.INFO, logger="shared.pipeline.settle"):
+        for result in (forwarded, forwarded, delivered):
+            summary.count(result)
+        assert not [r for r in caplog.records if "in the last" in r.getMessage()], "not before the minute is up"
+        now[0] = 61.0
+        summary.count(delivered)
+
+    [line] = [r.getMessage() for r in caplog.records if "in the last" in r.getMessage()]
+    assert line == "settled in the last 61 s: validate_credentials forwarded=2; write_lead delivered=2"
 
 
 # -- configure_telemetry --------------------------------------------------------------------------

@@ -489,5 +489,6 @@ def ingest_lead(
         logger.info("lead %s of publisher %s was posted again: a duplicate", lead.lead_id, publisher_id)
         response.status_code = 200
         return IngestAnswer(lead_id=lead.lead_id, queued=True, duplicate=True)
-    logger.info("queued lead %s of publisher %s", lead.lead_id, publisher_id)
+    # One a lead: DEBUG. The stages' settlement summary (INFO, once a minute) counts what came in.
+    logger.debug("queued lead %s of publisher %s", lead.lead_id, publisher_id)
     return IngestAnswer(lead_id=lead.lead_id, queued=True)

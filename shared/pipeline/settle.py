@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -202,15 +203,64 @@ def settle_many(
     return results
 
 
+#: Seconds between the INFO summaries of forwarded and delivered settlements (each of those is a DEBUG
+#: line: one per lead and stage would bury the lines that need someone).
+SUMMARY_INTERVAL = 60.0
+
+
+class SettlementSummary:
+    """Counts settlements per stage and outcome and, at most every ``interval`` seconds, logs them as one
+    INFO line (``settled in the last 60 s: validate_credentials forwarded=…``). Thread-safe."""
+
+    def __init__(self, interval: float = SUMMARY_INTERVAL, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._since = clock()
+
+    def count(self, result: Settled) -> None:
+        """Count one settlement; log the summary when the interval has passed."""
+        now = self._clock()
+        with self._lock:
+            key = (str(result.stage), str(result.action))
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if now - self._since < self.interval:
+                return
+            counts, self._counts = self._counts, {}
+            seconds, self._since = now - self._since, now
+        by_stage: dict[str, list[str]] = {}
+        for (stage, action), n in sorted(counts.items()):
+            by_stage.setdefault(stage, []).append(f"{action}={n}")
+        logger.info(
+            "settled in the last %.0f s: %s",
+            seconds,
+            "; ".join(f"{stage} {' '.join(parts)}" for stage, parts in by_stage.items()),
+        )
+
+
+_summary = SettlementSummary()
+
+
 def log_settlement(result: Settled, started: float | None) -> None:
     """One structured line per settlement: stage, outcome, reason, publisher, lead, attempt, latency.
 
-    The same fields go on the record as attributes, which Application Insights shows as custom
-    dimensions (``shared.ops.telemetry``). Values are log-safe: one line, e-mail addresses masked.
+    Dead letters are WARNING and reschedules INFO; forwards and deliveries (one per lead and stage)
+    are DEBUG, summed up in one INFO line a minute (:class:`SettlementSummary`). The same fields go
+    on the record as attributes, which Application Insights shows as custom dimensions
+    (``shared.ops.telemetry``). Values are log-safe: one line, e-mail addresses masked.
     """
+    _summary.count(result)
+    if result.action is SettleAction.DEAD_LETTERED:
+        level = logging.WARNING
+    elif result.action is SettleAction.RESCHEDULED:
+        level = logging.INFO
+    else:
+        level = logging.DEBUG
+    if not logger.isEnabledFor(level):
+        return  # the fields below cost a few regular expressions per settlement
     props = result.message.application_properties
     latency_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else -1.0
-    level = logging.WARNING if result.action is SettleAction.DEAD_LETTERED else logging.INFO
     fields = {
         "stage": result.stage,
         "outcome": result.action,

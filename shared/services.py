@@ -36,6 +36,7 @@ from shared.state.base import StateStore
 from shared.state.scheduled import StateScheduledRetries
 from shared.transport import make_transport
 from shared.transport.base import Transport
+from shared.transport.grouped import GroupSender
 
 if TYPE_CHECKING:
     from shared.runtime.embedded import EmbeddedRuntime
@@ -65,9 +66,12 @@ class Services:
     #: Releases a healed CRM's scheduled retries early; fed by :meth:`observe`. Its
     #: releaser thread starts on the first recovery and stops in :meth:`close`.
     recovery: Recovery = field(init=False)
+    #: The ingest endpoint's sends to ``leads-incoming``: concurrent requests share one broker send.
+    ingest: GroupSender = field(init=False)
 
     def __post_init__(self) -> None:
         self.recovery = Recovery(self.transport, self.pipeline.pacer, self.pipeline.throttle_key)
+        self.ingest = GroupSender(self.transport)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:

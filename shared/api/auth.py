@@ -164,6 +164,12 @@ def services_of(request: Request) -> Services:
     return services
 
 
+async def services_dependency(request: Request) -> Services:
+    """:func:`services_of` as a route dependency. Async because FastAPI runs a plain function
+    dependency on a worker thread: a thread hop per request for reading an attribute."""
+    return services_of(request)
+
+
 def bearer_key(request: Request) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header (scheme case-insensitive), or None."""
     header = request.headers.get("authorization")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import JSONResponse
 
-from shared.api.auth import ADMIN, GuardedRoute, Principal, services_of
+from shared.api.auth import ADMIN, GuardedRoute, Principal, services_dependency
 from shared.api.errors import error_response
 from shared.api.models import (
     DeadLettersAnswer,
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(route_class=GuardedRoute, tags=["admin"])
 
 AdminAccess = Annotated[Principal, Depends(ADMIN)]
-ServicesDep = Annotated[Services, Depends(services_of)]
+ServicesDep = Annotated[Services, Depends(services_dependency)]
 PublisherId = Annotated[str, Path(alias="publisherId", description="The publisher's id, e.g. `contoso`.")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

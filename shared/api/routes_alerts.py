@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from shared.api.auth import PUBLISHER, GuardedRoute, Principal, services_of
+from shared.api.auth import PUBLISHER, GuardedRoute, Principal, services_dependency
 from shared.api.errors import error_response
 from shared.api.models import AlertsAnswer, AlertsBody, ErrorAnswer
 from shared.secretstore.base import validate_publisher_id
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(route_class=GuardedRoute, tags=["publishers"])
 
 PublisherAccess = Annotated[Principal, Depends(PUBLISHER)]
-ServicesDep = Annotated[Services, Depends(services_of)]
+ServicesDep = Annotated[Services, Depends(services_dependency)]
 PublisherId = Annotated[str, Path(alias="publisherId", description="The publisher's id, e.g. `contoso`.")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -25,7 +25,7 @@ from shared.api.auth import (
     Guard,
     GuardedRoute,
     Principal,
-    services_of,
+    services_dependency,
 )
 from shared.api.errors import error_response
 from shared.api.models import (
@@ -72,7 +72,7 @@ _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorAnswer, "description": "Invalid input; `field` names it."},
     503: {"model": ErrorAnswer, "description": "A backend is unavailable; retry after Retry-After."},
 }
-ServicesDep = Annotated[Services, Depends(services_of)]
+ServicesDep = Annotated[Services, Depends(services_dependency)]
 
 
 @router.get(

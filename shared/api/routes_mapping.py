@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from shared.api.auth import PUBLISHER, GuardedRoute, Principal, services_of
+from shared.api.auth import PUBLISHER, GuardedRoute, Principal, services_dependency
 from shared.api.errors import error_response
 from shared.api.models import ApiModel, ErrorAnswer
 from shared.crm.metadata import validate_mapping
@@ -32,7 +32,7 @@ router = APIRouter(route_class=GuardedRoute, tags=["mapping"])
 
 PublisherId = Annotated[str, Path(alias="publisherId", description="the publisher id")]
 PublisherAccess = Annotated[Principal, Depends(PUBLISHER)]
-ServicesDep = Annotated[Services, Depends(services_of)]
+ServicesDep = Annotated[Services, Depends(services_dependency)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorAnswer, "description": "no key, or not a valid key"},

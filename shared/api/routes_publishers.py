@@ -18,7 +18,7 @@ from typing import Annotated, Any, Protocol, runtime_checkable
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_of
+from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_dependency
 from shared.api.errors import error_response, retry_later_response
 from shared.api.models import (
     ConnectionAnswer,
@@ -65,7 +65,7 @@ STATUS_DEAD_LETTER_SCAN = 10_000
 
 PublisherId = Annotated[str, Path(alias="publisherId", description="The publisher's id, e.g. `contoso`.")]
 PublisherAccess = Annotated[Principal, Depends(PUBLISHER)]
-ServicesDep = Annotated[Services, Depends(services_of)]
+ServicesDep = Annotated[Services, Depends(services_dependency)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorAnswer, "description": "No key, or not a valid key."},
@@ -355,8 +355,8 @@ def publisher_status(
     )
 
 
-def seen_ids_of(request: Request) -> SeenIds:
-    """The :class:`~shared.pipeline.identity.SeenIds` the app was built with."""
+async def seen_ids_of(request: Request) -> SeenIds:
+    """The :class:`~shared.pipeline.identity.SeenIds` the app was built with (async: no thread hop)."""
     seen: SeenIds = request.app.state.seen_ids
     return seen
 
@@ -474,7 +474,8 @@ def ingest_lead(
     body = json.dumps(repair_text(message), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     lead = parse_incoming(body)
     try:
-        services.transport.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])
+        # Grouped with the sends of requests arriving at the same moment: one broker write for them all.
+        services.ingest.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])
     except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the caller should retry
         logger.warning("could not queue lead %s of publisher %s: %s", lead.lead_id, publisher_id, type(exc).__name__)
         return retry_later_response("the lead could not be queued now; send it again", None)

@@ -238,10 +238,10 @@ class StageWorker:
             elif self.batching:
                 outcomes = self.pipeline.write_leads(messages)
             else:
-                outcomes = [self.pipeline.handle(self.stage, message) for message in messages]
+                outcomes = self._handle_group(messages)
             failed = reached = 0
             done: list[tuple[ReceivedMessage, Outcome, float | None]] = []
-            for item, outcome in zip(batch, outcomes, strict=True):
+            for item, outcome in zip(batch, outcomes, strict=False):
                 if isinstance(outcome, Retry) and outcome.not_sent:
                     held.append(item)
                     hold_for = max(hold_for, outcome.retry_after or 0.0)
@@ -249,6 +249,8 @@ class StageWorker:
                     reached += 1
                     failed += isinstance(outcome, Retry)
                     done.append((item[0], outcome, item[1]))
+            # A group cut short (see _handle_group): the messages not handled go back to the backlog.
+            held.extend(batch[len(outcomes) :])
             if len(done) == 1:
                 self._run_outcome(*done[0])
             elif done:
@@ -271,6 +273,18 @@ class StageWorker:
                     state.last_progress = now
                     state.finished.extend([now] * (len(batch) - len(held)))
                 self._lock.notify_all()
+
+    def _handle_group(self, messages: list[ReceivedMessage]) -> list[Outcome]:
+        """Run the stage on a group of one publisher's messages in turn, stopping after the first
+        that is to be retried: a CRM that fails, hangs or paces would fail the rest the same way, one
+        timeout after another on this one thread. The outcomes of the messages handled, in order."""
+        outcomes: list[Outcome] = []
+        for message in messages:
+            outcome = self.pipeline.handle(self.stage, message)
+            outcomes.append(outcome)
+            if isinstance(outcome, Retry):
+                break
+        return outcomes
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float | None) -> None:
         try:

@@ -168,3 +168,14 @@ def test_key_records_live_in_the_state_store_and_an_older_record_in_the_secret_s
     assert keys.revoke("northwind") is True
     assert ApiKeyStore(StateRecords(state)).verify(older) is None
     state.close()
+
+
+def test_a_key_is_checked_without_a_store_read_only_once_its_record_is_cached(keys: ApiKeyStore) -> None:
+    key = keys.issue("contoso")
+    wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+
+    assert keys.verify_cached(key) == (False, None), "not cached yet: the caller must read the store"
+    assert keys.verify(key) == "contoso"
+    assert keys.verify_cached(key) == (True, "contoso")
+    assert keys.verify_cached(wrong) == (True, None), "a wrong key of a cached record is refused"
+    assert keys.verify_cached("garbage") == (True, None), "a malformed key needs no read"

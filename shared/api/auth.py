@@ -197,7 +197,10 @@ async def identify(services: Services, key: str, *, allow_admin: bool = True) ->
     """
     if allow_admin and _is_admin_key(services, key):
         return Principal(admin=True)
-    publisher_id = await run_in_threadpool(services.api_keys.verify, key)
+    # A cached key record is checked here (an HMAC); only a store read goes to a worker thread.
+    known, publisher_id = services.api_keys.verify_cached(key)
+    if not known:
+        publisher_id = await run_in_threadpool(services.api_keys.verify, key)
     if publisher_id is None:
         return None
     return Principal(admin=False, publisher_id=publisher_id)

@@ -99,11 +99,28 @@ class ApiKeyStore:
         parsed = self._parse(key)
         if parsed is None:
             return None
-        publisher_id, name, key_id = parsed
+        name = parsed[1]
         value = self._records.get(name)
         if value is None:
             value = self._store.get(name) or _NO_RECORD
             self._records.put(name, value, RECORD_TTL)
+        return self._match(key, parsed, value)
+
+    def verify_cached(self, key: str) -> tuple[bool, str | None]:
+        """``(True, verify(key))`` when the answer needs no read of the store (the key is malformed, or
+        its record is cached), else ``(False, None)``: lets an event loop check a key without handing
+        the check to a worker thread. Never raises."""
+        parsed = self._parse(key)
+        if parsed is None:
+            return True, None
+        value = self._records.get(parsed[1])
+        if value is None:
+            return False, None
+        return True, self._match(key, parsed, value)
+
+    @staticmethod
+    def _match(key: str, parsed: tuple[str, str, str], value: str) -> str | None:
+        publisher_id, name, key_id = parsed
         if value == _NO_RECORD:
             return None
         try:

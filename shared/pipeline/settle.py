@@ -142,9 +142,11 @@ def log_settlement(result: Settled, started: float | None) -> None:
     The same fields go on the record as attributes, which Application Insights shows as custom
     dimensions (``shared.ops.telemetry``). Values are log-safe: one line, e-mail addresses masked.
     """
+    level = logging.WARNING if result.action is SettleAction.DEAD_LETTERED else logging.INFO
+    if not logger.isEnabledFor(level):
+        return  # what logger.log would decide, before the fields are made safe for nothing
     props = result.message.application_properties
     latency_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else -1.0
-    level = logging.WARNING if result.action is SettleAction.DEAD_LETTERED else logging.INFO
     fields = {
         "stage": result.stage,
         "outcome": result.action,

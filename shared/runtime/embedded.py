@@ -44,8 +44,13 @@ from shared.transport.base import LockLost, ReceivedMessage, Transport
 logger = logging.getLogger(__name__)
 
 RECEIVE_WAIT = 0.25
+#: How long a loop with work in flight waits for the next message (or for finished work that leaves
+#: a backlog to dispatch) before it comes round again.
+BUSY_RECEIVE_WAIT = 0.02
 #: Renew a lock when less than this many seconds of it are left.
 RENEW_MARGIN = 20.0
+#: Look for locks to renew at most this often (and at least four times per margin).
+RENEW_SCAN_INTERVAL = 1.0
 
 
 #: A publisher with no finished work for this long while at its cap counts as stuck.
@@ -112,6 +117,7 @@ class StageWorker:
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
         self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
+        self._next_renew_scan = 0.0
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"lw-{stage}")
@@ -149,17 +155,20 @@ class StageWorker:
         with self._lock:
             free = self.capacity - self._held
             idle = self._busy == 0 and self._held == 0
+            waiting = self._held - len(self._in_flight)  # in a backlog, not yet dispatched
         if free <= 0:
             with self._lock:
                 self._lock.wait(RECEIVE_WAIT)
             return
-        messages = self.transport.receive(
-            self.queue, max_messages=min(free, 100), max_wait=RECEIVE_WAIT if idle else 0.0
-        )
+        # Idle: wait for a message. Busy with nothing waiting to be dispatched: wait for one briefly
+        # in the broker (a send in this process wakes it at once), and the loop comes round for the
+        # locks. A backlog to dispatch: look and go on (finished work wakes the loop below).
+        wait = RECEIVE_WAIT if idle else (BUSY_RECEIVE_WAIT if waiting == 0 else 0.0)
+        messages = self.transport.receive(self.queue, max_messages=min(free, 100), max_wait=wait)
         if not messages:
-            if not idle:
+            if waiting:
                 with self._lock:
-                    self._lock.wait(0.02)
+                    self._lock.wait(BUSY_RECEIVE_WAIT)
             return
         now = time.monotonic()
         deferred: list[tuple[ReceivedMessage, Retry]] = []
@@ -254,7 +263,12 @@ class StageWorker:
                 if len(held) < len(batch):
                     state.last_progress = now
                     state.finished.extend([now] * (len(batch) - len(held)))
-                self._lock.notify_all()
+                # Wake the loop only when it has something to do now: a backlog to dispatch into the
+                # freed slot, or room again to receive after the worker was full. Otherwise it is
+                # waiting in the broker for the next message, and a wake-up per lead is CPU for nothing.
+                released = len(batch) - len(held)
+                if self._held > len(self._in_flight) or self._held + released >= self.capacity:
+                    self._lock.notify_all()
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:
         try:
@@ -279,6 +293,12 @@ class StageWorker:
         """Renew the locks of held *and* in-flight messages that would lapse soon: a slow CRM call (up
         to the read timeout) must not let its message be delivered again while it is being written."""
         margin = min(RENEW_MARGIN, self.pipeline.settings.lock_duration / 2)
+        # Looked over a few times per margin, not on every turn of the loop: a lock is renewed well
+        # before it lapses either way.
+        now = time.monotonic()
+        if now < self._next_renew_scan:
+            return
+        self._next_renew_scan = now + min(RENEW_SCAN_INTERVAL, margin / 4)
         threshold = datetime.now(UTC) + timedelta(seconds=margin)
         with self._lock:
             held = [m for state in self._publishers.values() for m, _ in state.backlog]

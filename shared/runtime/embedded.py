@@ -155,7 +155,7 @@ class StageWorker:
         with self._lock:
             free = self.capacity - self._held
             idle = self._busy == 0 and self._held == 0
-            waiting = self._held - len(self._in_flight)  # in a backlog, not yet dispatched
+            waiting = self._backlog()
         if free <= 0:
             with self._lock:
                 self._lock.wait(RECEIVE_WAIT)
@@ -187,6 +187,10 @@ class StageWorker:
                 self._held += 1
         for message, outcome in deferred:
             self._run_outcome(message, outcome, now)
+
+    def _backlog(self) -> int:
+        """Messages waiting in a backlog to be dispatched (not those handed to the pool). Under the lock."""
+        return sum(len(state.backlog) for state in self._publishers.values())
 
     @staticmethod
     def _overflow(state: _PublisherState, held_for: float, now: float) -> Retry:
@@ -267,7 +271,7 @@ class StageWorker:
                 # freed slot, or room again to receive after the worker was full. Otherwise it is
                 # waiting in the broker for the next message, and a wake-up per lead is CPU for nothing.
                 released = len(batch) - len(held)
-                if self._held > len(self._in_flight) or self._held + released >= self.capacity:
+                if self._held + released >= self.capacity or self._backlog():
                     self._lock.notify_all()
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:

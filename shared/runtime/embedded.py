@@ -44,13 +44,8 @@ from shared.transport.base import LockLost, ReceivedMessage, Transport
 logger = logging.getLogger(__name__)
 
 RECEIVE_WAIT = 0.25
-#: How long a loop with work in flight waits for the next message (or for finished work that leaves
-#: a backlog to dispatch) before it comes round again.
-BUSY_RECEIVE_WAIT = 0.02
 #: Renew a lock when less than this many seconds of it are left.
 RENEW_MARGIN = 20.0
-#: Look for locks to renew at most this often (and at least four times per margin).
-RENEW_SCAN_INTERVAL = 1.0
 
 
 #: A publisher with no finished work for this long while at its cap counts as stuck.
@@ -117,7 +112,6 @@ class StageWorker:
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
         self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
-        self._next_renew_scan = 0.0
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"lw-{stage}")
@@ -155,20 +149,17 @@ class StageWorker:
         with self._lock:
             free = self.capacity - self._held
             idle = self._busy == 0 and self._held == 0
-            waiting = self._backlog()
         if free <= 0:
             with self._lock:
                 self._lock.wait(RECEIVE_WAIT)
             return
-        # Idle: wait for a message. Busy with nothing waiting to be dispatched: wait for one briefly
-        # in the broker (a send in this process wakes it at once), and the loop comes round for the
-        # locks. A backlog to dispatch: look and go on (finished work wakes the loop below).
-        wait = RECEIVE_WAIT if idle else (BUSY_RECEIVE_WAIT if waiting == 0 else 0.0)
-        messages = self.transport.receive(self.queue, max_messages=min(free, 100), max_wait=wait)
+        messages = self.transport.receive(
+            self.queue, max_messages=min(free, 100), max_wait=RECEIVE_WAIT if idle else 0.0
+        )
         if not messages:
-            if waiting:
+            if not idle:
                 with self._lock:
-                    self._lock.wait(BUSY_RECEIVE_WAIT)
+                    self._lock.wait(0.02)
             return
         now = time.monotonic()
         deferred: list[tuple[ReceivedMessage, Retry]] = []
@@ -187,10 +178,6 @@ class StageWorker:
                 self._held += 1
         for message, outcome in deferred:
             self._run_outcome(message, outcome, now)
-
-    def _backlog(self) -> int:
-        """Messages waiting in a backlog to be dispatched (not those handed to the pool). Under the lock."""
-        return sum(len(state.backlog) for state in self._publishers.values())
 
     @staticmethod
     def _overflow(state: _PublisherState, held_for: float, now: float) -> Retry:
@@ -267,12 +254,7 @@ class StageWorker:
                 if len(held) < len(batch):
                     state.last_progress = now
                     state.finished.extend([now] * (len(batch) - len(held)))
-                # Wake the loop only when it has something to do now: a backlog to dispatch into the
-                # freed slot, or room again to receive after the worker was full. Otherwise it is
-                # waiting in the broker for the next message, and a wake-up per lead is CPU for nothing.
-                released = len(batch) - len(held)
-                if self._held + released >= self.capacity or self._backlog():
-                    self._lock.notify_all()
+                self._lock.notify_all()
 
     def _run_outcome(self, message: ReceivedMessage, outcome: Outcome, started: float) -> None:
         try:
@@ -297,12 +279,6 @@ class StageWorker:
         """Renew the locks of held *and* in-flight messages that would lapse soon: a slow CRM call (up
         to the read timeout) must not let its message be delivered again while it is being written."""
         margin = min(RENEW_MARGIN, self.pipeline.settings.lock_duration / 2)
-        # Looked over a few times per margin, not on every turn of the loop: a lock is renewed well
-        # before it lapses either way.
-        now = time.monotonic()
-        if now < self._next_renew_scan:
-            return
-        self._next_renew_scan = now + min(RENEW_SCAN_INTERVAL, margin / 4)
         threshold = datetime.now(UTC) + timedelta(seconds=margin)
         with self._lock:
             held = [m for state in self._publishers.values() for m, _ in state.backlog]

@@ -405,39 +405,61 @@ class EmbeddedBroker:
         if not messages:
             return
         conn = self._conn()
+        with self._transaction(conn):
+            stored = self._insert(conn, queue, messages)
+        self._notify(queue, _ACTIVE, stored)
+
+    def send_and_complete(self, queue: str, messages: Sequence[OutgoingMessage], message: ReceivedMessage) -> None:
+        """Send ``messages`` to ``queue`` and complete the locked ``message``, in one transaction: both
+        happen, or neither (the message then stays locked and is delivered again; the copies sent then
+        are new). What :func:`shared.pipeline.settle.settle` does for a forward or a rescheduled copy:
+        one commit instead of two, and no window between the send and the complete.
+
+        Raises LockLost (nothing sent) if the lock expired or the message was settled already;
+        ValueError for a peeked message; sqlite3.Error if the database cannot be written.
+        """
+        token = self._token(message)
+        conn = self._conn()
+        with self._transaction(conn):
+            stored = self._insert(conn, queue, messages)
+            self._settle(_COMPLETE, (message.sequence_number, token, self._clock()), message)
+        self._notify(queue, _ACTIVE, stored)
+
+    def _insert(self, conn: sqlite3.Connection, queue: str, messages: Sequence[OutgoingMessage]) -> int:
+        """Store ``messages`` inside the caller's transaction, dropping duplicates; how many were stored."""
         now = self._clock()
         cutoff = now - self._duplicate_window
         rows: list[tuple[Any, ...]] = []
-        with self._transaction(conn):
-            for message in messages:
-                if self._duplicate_window > 0 and conn.execute(
-                    _DEDUP, (queue, message.message_id, now, cutoff)
-                ).rowcount == 0:
-                    logger.debug("dropped duplicate message %s on %s", message.message_id, queue)
-                    continue
-                visible_at = now
-                if message.scheduled_enqueue_time is not None:
-                    visible_at = max(now, _timestamp(message.scheduled_enqueue_time))
-                # Service Bus counts time to live from the (scheduled) enqueue time.
-                expires_at = visible_at + message.time_to_live if message.time_to_live is not None else None
-                rows.append(
-                    (
-                        queue,
-                        message.message_id,
-                        message.body,
-                        json.dumps(dict(message.application_properties), separators=(",", ":")),
-                        message.content_type,
-                        visible_at,
-                        visible_at,
-                        expires_at,
-                        _publisher_of(message),
-                    )
+        for message in messages:
+            if self._duplicate_window > 0 and conn.execute(
+                _DEDUP, (queue, message.message_id, now, cutoff)
+            ).rowcount == 0:
+                logger.debug("dropped duplicate message %s on %s", message.message_id, queue)
+                continue
+            visible_at = now
+            if message.scheduled_enqueue_time is not None:
+                visible_at = max(now, _timestamp(message.scheduled_enqueue_time))
+            # Service Bus counts time to live from the (scheduled) enqueue time.
+            expires_at = visible_at + message.time_to_live if message.time_to_live is not None else None
+            rows.append(
+                (
+                    queue,
+                    message.message_id,
+                    message.body,
+                    json.dumps(dict(message.application_properties), separators=(",", ":")),
+                    message.content_type,
+                    visible_at,
+                    visible_at,
+                    expires_at,
+                    _publisher_of(message),
                 )
+            )
+        if rows:
             conn.executemany(_INSERT, rows)
-            if self._duplicate_window > 0 and now >= self._next_prune:
-                self._next_prune = now + _DEDUP_PRUNE_INTERVAL
-                conn.execute("DELETE FROM dedup WHERE sent_at <= ?", (cutoff,))
-        self._notify(queue, _ACTIVE, len(rows))
+        if self._duplicate_window > 0 and now >= self._next_prune:
+            self._next_prune = now + _DEDUP_PRUNE_INTERVAL
+            conn.execute("DELETE FROM dedup WHERE sent_at <= ?", (cutoff,))
+        return len(rows)
 
     # -- releasing scheduled messages ---------------------------------------------------
 

@@ -17,8 +17,9 @@ Many publishers, some of them stuck (a hung CRM, a long penalty), must not add u
   threads (``THREADS_PER_SLOT`` times ``concurrency`` in all) so that healthy publishers keep their
   ``concurrency`` while hung requests wait for the client's read timeout;
 - stuck publishers together hold at most half the worker's capacity (one alone: its usual share):
-  what a stuck publisher holds beyond its part is deferred, so their backlogs cannot fill the worker
-  and starve the others.
+  what a stuck publisher holds beyond its part is deferred without spending an attempt (it never
+  reached the CRM; the messages tried, one at a time, spend theirs), so their backlogs cannot fill
+  the worker and starve the others.
 
 The write stage takes a publisher's whole backlog (up to the ``LEADWRITER_MAX_BATCH`` setting) as one
 ``$batch`` when there is one: single requests at low volume, batches under load.
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from shared.names import PROP_PUBLISHER_ID
+from shared.pipeline.messages import deferrals_of
 from shared.pipeline.outcomes import Outcome, Retry, Stage
 from shared.pipeline.pipeline import Pipeline
 from shared.pipeline.settle import Observer, settle
@@ -73,6 +75,9 @@ PACE_WINDOW = 10.0
 #: A busy publisher's overflow is put off at least this long, and at most this long.
 MIN_OVERFLOW_DELAY = 1.0
 MAX_OVERFLOW_DELAY = 60.0
+#: What a stuck publisher holds beyond its part, while its CRM fails or does not answer, is first put
+#: off this long, then twice as long each time (up to MAX_OVERFLOW_DELAY).
+FAILING_DEFERRAL = 5.0
 #: A held publisher is dispatched this much before its wait ends: the pacer's short wait
 #: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
 HOLD_EARLY = 0.03
@@ -205,11 +210,12 @@ class StageWorker:
                 held_for = state.not_before - now
                 stuck = now - state.last_progress > STUCK_AFTER or held_for > STUCK_AFTER
                 holds = len(state.backlog) + state.in_flight
-                if (holds >= self.publisher_capacity and stuck) or (
-                    holds >= stuck_share and self._stuck(state, now)
-                ):
+                if holds >= self.publisher_capacity and stuck:
                     # Holding more of its messages would crowd out others, so the overflow is put off.
-                    deferred.append((message, self._overflow(state, held_for, now, hanging=state.unanswered(now))))
+                    deferred.append((message, self._overflow(state, held_for, now)))
+                    continue
+                if holds >= stuck_share and self._stuck(state, now):
+                    deferred.append((message, self._put_off(state, message, now)))
                     continue
                 state.backlog.append((message, now))
                 self._held += 1
@@ -240,17 +246,27 @@ class StageWorker:
                 excess = min(len(state.backlog), len(state.backlog) + state.in_flight - share)
                 if excess <= 0 or not self._stuck(state, now):
                     continue
-                held_for = state.not_before - now
-                outcome = self._overflow(state, held_for, now, hanging=state.unanswered(now))
                 for _ in range(excess):
                     message, _received = state.backlog.pop()
-                    shed.append((message, outcome))
+                    shed.append((message, self._put_off(state, message, now)))
                 self._held -= excess
         for message, outcome in shed:
             self._run_outcome(message, outcome, now)
 
+    def _put_off(self, state: _PublisherState, message: ReceivedMessage, now: float) -> Retry:
+        """What becomes of a message beyond a stuck publisher's part: put off without an attempt (it
+        never reached the CRM; only the messages tried spend attempts). Held by a penalty: until it
+        ends. A CRM that fails or does not answer: for longer each time the message is put off."""
+        held_for = state.not_before - now
+        if held_for > STUCK_AFTER:
+            return Retry("publisher backlog full: deferred", held_for, not_sent=True)
+        if state.failing or state.unanswered(now):
+            delay = min(MAX_OVERFLOW_DELAY, FAILING_DEFERRAL * 2 ** min(deferrals_of(message), 6))
+            return Retry("publisher backlog full: its CRM is failing", delay, not_sent=True)
+        return self._overflow(state, held_for, now)
+
     @staticmethod
-    def _overflow(state: _PublisherState, held_for: float, now: float, *, hanging: bool = False) -> Retry:
+    def _overflow(state: _PublisherState, held_for: float, now: float) -> Retry:
         """What becomes of a message its publisher has no room for.
 
         Held by a penalty: put off until the hold ends (no attempt spent). A CRM that fails or hangs:
@@ -260,7 +276,7 @@ class StageWorker:
         """
         if held_for > STUCK_AFTER:
             return Retry("publisher backlog full: deferred", held_for, not_sent=True)
-        if state.failing or hanging:
+        if state.failing:
             return Retry("publisher backlog full: its CRM is failing", None)
         delay = min(max(state.drain_time(now), MIN_OVERFLOW_DELAY), MAX_OVERFLOW_DELAY)
         return Retry("publisher backlog full: deferred", delay, not_sent=True)

@@ -347,8 +347,13 @@ def _faulty_summary(run: PublishersRun, throttled: list[str], hung: list[str]) -
 def run_publishers(
     sim: SimulatorProcess, scenario: Scenario, tmp: Path, *, concurrency: int = 16, status: Any = None
 ) -> dict[str, Any]:
-    """The four runs of the scenario (see the module's docstring); every figure, by run."""
+    """The four runs of the scenario (see the module's docstring); every figure, by run. Raises
+    ValueError when the faulty publishers leave none healthy."""
     faulty_count = scenario.throttled_publishers + scenario.hung_publishers
+    if faulty_count >= scenario.publishers:
+        raise ValueError(
+            f"{scenario.publishers} publishers leave none healthy beside {faulty_count} faulty ones; give more"
+        )
     orgs = list(sim.apps)
     healthy = orgs[: scenario.publishers - faulty_count]
     first = orgs[len(healthy) : scenario.publishers]

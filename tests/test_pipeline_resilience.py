@@ -73,6 +73,26 @@ def test_a_hanging_crm_does_not_hold_up_another_publishers_leads(simulator: CrmS
         assert h.dead_letters() == []
 
 
+def test_more_hung_crms_than_worker_threads_do_not_hold_up_the_healthy_publishers(
+    simulator: CrmSimulator, tmp_path: Path
+) -> None:
+    # Six CRMs that never answer against four threads per stage: each may hold a thread until the
+    # read timeout, but the healthy publishers' leads must be written long before any of them ends.
+    with running(simulator, tmp_path, LEADWRITER_CRM_READ_TIMEOUT="20") as h:
+        hung, healthy = [h.publisher() for _ in range(6)], [h.publisher() for _ in range(3)]
+        for publisher in hung:
+            simulator.faults(publisher).hang_all(60)
+        # The hung publishers' leads are at the head of the queue.
+        h.send([lead_message(p, n) for n in range(20) for p in [*hung, *healthy]])
+        h.start(concurrency=4, publisher_concurrency=4)
+
+        h.wait_for(lambda: all(len(h.written(p)) == 20 for p in healthy), timeout=15)
+        assert all(h.written(p) == [] for p in hung)
+        assert sum(simulator.requests(p).total for p in hung) <= len(hung), "one request each, unanswered"
+        for publisher in hung:
+            simulator.faults(publisher).clear()
+
+
 def test_a_throttled_publisher_does_not_slow_the_others(simulator: CrmSimulator, tmp_path: Path) -> None:
     with running(simulator, tmp_path) as h:
         throttled, others = h.publisher(), [h.publisher() for _ in range(3)]

@@ -934,6 +934,22 @@ def test_hang_next_times_the_client_out_but_still_writes_the_lead(
     assert create_only(simulator, crm_org, token, lead_id, {"lastname": "Slow"}).status_code == 412
 
 
+def test_hang_all_stalls_every_request_through_the_admin_api_until_cleared(
+    simulator: CrmSimulator, crm_org: SimOrg, token: str
+) -> None:
+    response = admin(simulator, "POST", f"orgs/{crm_org.name}/faults", json={"hang_all": {"seconds": 30}})
+    assert response.status_code == 200
+    url = f"{crm_org.url}{API}WhoAmI"
+
+    for _ in range(2):
+        with pytest.raises(requests.ReadTimeout):
+            http(simulator, "GET", url, token, timeout=(TIMEOUT, 0.2))
+    assert simulator.faults(crm_org.name).pending() == {"hang_all": 1}
+
+    admin(simulator, "POST", f"orgs/{crm_org.name}/faults", json={"clear": True})
+    assert http(simulator, "GET", url, token).status_code == 200
+
+
 def test_reset_next_drops_the_connection_without_an_answer(
     simulator: CrmSimulator, crm_org: SimOrg, token: str
 ) -> None:

@@ -4,11 +4,13 @@ the publisher's CRM at a supported version (the rule: :mod:`shared.crm.solution`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.crm.connection import Connection
 from shared.crm.solution import require_supported
+from shared.errors import CrmUnavailable
 from shared.names import QUEUE_READY
 from shared.pipeline.messages import forward
 from shared.pipeline.outcomes import Outcome
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 
 SOLUTION_TTL = 300.0
 SOLUTION_NEGATIVE_TTL = 30.0
+#: A query that failed (timeout, reset, 5xx) answers the publisher's waiting messages for this long.
+SOLUTION_FAILURE_TTL = 5.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ def run(pipeline: Pipeline, message: ReceivedMessage, fresh: bool) -> Outcome:
     connection = pipeline.connection(lead.publisher_id, fresh=fresh)
     if fresh:
         pipeline.solution_cache.pop((lead.publisher_id, connection.fingerprint()))
+        pipeline.solution_failures.pop((lead.publisher_id, connection.fingerprint()))
     solution_of(pipeline, lead.publisher_id, connection)
     return forward(lead, message, QUEUE_READY)
 
@@ -44,15 +49,25 @@ def solution_of(pipeline: Pipeline, publisher_id: str, connection: Connection) -
 
     One query per publisher at a time: concurrent messages of a publisher whose result is not cached
     wait for the first one's answer instead of each asking the CRM (and, when it throttles, each
-    sending into the penalty).
+    sending into the penalty). When that query fails (CrmUnavailable: a CRM that hangs until the read
+    timeout, resets or answers 5xx), the waiting messages fail with it for ``SOLUTION_FAILURE_TTL``
+    instead of each waiting out a timeout of its own in turn.
     """
     key = (publisher_id, connection.fingerprint())
     found = pipeline.solution_cache.get(key)
     if found is None:
         with pipeline.key_locks.lock(key):
             found = pipeline.solution_cache.get(key)
+            failure = pipeline.solution_failures.get(key) if found is None else None
+            if failure is not None:
+                raise copy.copy(failure)
             if found is None:
-                found = SolutionFound(pipeline.client(connection).solution_version(pipeline.settings.solution_name))
+                try:
+                    version = pipeline.client(connection).solution_version(pipeline.settings.solution_name)
+                except CrmUnavailable as exc:
+                    pipeline.solution_failures.put(key, exc, SOLUTION_FAILURE_TTL)
+                    raise
+                found = SolutionFound(version)
                 ttl = SOLUTION_TTL if found.version else SOLUTION_NEGATIVE_TTL
                 pipeline.solution_cache.put(key, found, ttl)
     return require_supported(found.version, pipeline.settings)

@@ -20,7 +20,7 @@ from shared.crm import DataverseClient, TokenProvider
 from shared.crm.connection import Connection
 from shared.crm.metadata import ExistingRecords
 from shared.crm.pacing import Pacer
-from shared.errors import CONFIGURATION_REASONS, CredentialsMissing, DeadLetter, LeadWriterError
+from shared.errors import CONFIGURATION_REASONS, CredentialsMissing, CrmUnavailable, DeadLetter, LeadWriterError
 from shared.pipeline import check_solution, validate_credentials, write_lead
 from shared.pipeline.lead import LeadMessage, parse_incoming
 from shared.pipeline.mapping import ValidatedMapping
@@ -86,6 +86,8 @@ class Pipeline:
         self._fresh_missing: TtlCache[str, bool] = TtlCache(clock)
         #: Solution version per (publisher, connection fingerprint); None = not installed.
         self.solution_cache: TtlCache[tuple[str, str], check_solution.SolutionFound] = TtlCache(clock)
+        #: A solution query that just failed, shared with the messages that waited for it.
+        self.solution_failures: TtlCache[tuple[str, str], CrmUnavailable] = TtlCache(clock)
         self._clients: LruCache[str, DataverseClient] = LruCache()
         #: How each publisher's leads land (None: the default mapping for every publisher).
         self.mappings = mappings
@@ -177,6 +179,7 @@ class Pipeline:
         self._missing.pop(publisher_id)
         self._fresh_missing.pop(publisher_id)
         self.solution_cache.pop_where(lambda key: key[0] == publisher_id)
+        self.solution_failures.pop_where(lambda key: key[0] == publisher_id)
 
     # -- running the stages ---------------------------------------------------------------------
 

@@ -8,6 +8,19 @@ occupies at most its own slots: other publishers' messages are received and disp
 deferred (held by a penalty: a copy scheduled for when it ends, spending no retry attempt; a CRM that
 hangs: through the retry schedule), so a flood from one publisher cannot fill the worker either.
 
+Many publishers, some of them stuck (a hung CRM, a long penalty), must not add up to a stuck worker:
+
+- a publisher gets one message in flight until some work of it has come back from its CRM (and again
+  while its CRM fails or its work in flight has gone unanswered for ``SLOW_AFTER``), so a CRM that
+  hangs from the start blocks one thread, not ``publisher_concurrency`` of them;
+- work unanswered for ``SLOW_AFTER`` no longer counts against ``concurrency``: the pool has spare
+  threads (``THREADS_PER_SLOT`` times ``concurrency`` in all) so that healthy publishers keep their
+  ``concurrency`` while hung requests wait for the client's read timeout;
+- stuck publishers together hold at most half the worker's capacity (one alone: its usual share):
+  what a stuck publisher holds beyond its part is deferred without spending an attempt (it never
+  reached the CRM; the messages tried, one at a time, spend theirs), so their backlogs cannot fill
+  the worker and starve the others.
+
 The write stage takes a publisher's whole backlog (up to the ``LEADWRITER_MAX_BATCH`` setting) as one
 ``$batch`` when there is one: single requests at low volume, batches under load.
 
@@ -26,6 +39,7 @@ ones are abandoned (delivered again at once) — never lost.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from shared.names import PROP_PUBLISHER_ID
+from shared.pipeline.messages import deferrals_of
 from shared.pipeline.outcomes import Outcome, Retry, Stage
 from shared.pipeline.pipeline import Pipeline
 from shared.pipeline.settle import Observer, settle, settle_many
@@ -50,6 +65,11 @@ RENEW_MARGIN = 20.0
 
 #: A publisher with no finished work for this long while at its cap counts as stuck.
 STUCK_AFTER = 2.0
+#: Work in flight this long is unanswered: its thread no longer counts against ``concurrency``, and its
+#: publisher gets no more work in flight until it comes back.
+SLOW_AFTER = 1.0
+#: The pool's threads per unit of ``concurrency``: the spares hold requests that hang.
+THREADS_PER_SLOT = 4
 #: Seconds of settlements that give a publisher's pace (how fast its backlog drains).
 PACE_WINDOW = 10.0
 #: A busy publisher's overflow is put off at least this long, and at most this long.
@@ -58,6 +78,9 @@ MAX_OVERFLOW_DELAY = 60.0
 #: Messages of one publisher a non-write stage handles in one go when its backlog is long: their
 #: forwards go in one send and their completions in one broker write, not one of each per message.
 SETTLE_GROUP = 50
+#: What a stuck publisher holds beyond its part, while its CRM fails or does not answer, is first put
+#: off this long, then twice as long each time (up to MAX_OVERFLOW_DELAY).
+FAILING_DEFERRAL = 5.0
 #: A held publisher is dispatched this much before its wait ends: the pacer's short wait
 #: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
 HOLD_EARLY = 0.03
@@ -75,6 +98,14 @@ class _PublisherState:
     failing: bool = False
     #: When recent messages were settled (for the pace at which its backlog drains).
     finished: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    #: Some work of it came back from its CRM without a transient failure (in this stage).
+    proven: bool = False
+    #: When each piece of its work in flight started (by a token of the worker's).
+    running: dict[int, float] = field(default_factory=dict)
+
+    def unanswered(self, now: float) -> bool:
+        """Some of its work in flight has gone unanswered for ``SLOW_AFTER``."""
+        return any(now - started > SLOW_AFTER for started in self.running.values())
 
     def drain_time(self, now: float) -> float:
         """Seconds the backlog and the work in flight need at the pace of the last few seconds."""
@@ -108,6 +139,7 @@ class StageWorker:
         self.max_batch = pipeline.settings.max_batch
         self.capacity = max(concurrency * 8, self.max_batch * 2 if self.stage is Stage.WRITE_LEAD else 0)
         self.publisher_capacity = max(self.capacity // 2, self.publisher_concurrency)
+        self.max_threads = concurrency * THREADS_PER_SLOT
         self.observer = observer
         self.batching = self.stage is Stage.WRITE_LEAD
         self._publishers: dict[str, _PublisherState] = {}
@@ -115,9 +147,14 @@ class StageWorker:
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
         self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
+        #: Start of every piece of work in flight, by token (the threads it holds).
+        self._running: dict[int, float] = {}
+        self._tokens = itertools.count()
+        #: Where the next dispatch round starts among the publishers, so each gets its turn first.
+        self._rotor = 0
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"lw-{stage}")
+        self._pool = ThreadPoolExecutor(max_workers=self.max_threads, thread_name_prefix=f"lw-{stage}")
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -139,6 +176,7 @@ class StageWorker:
         while not self._stop.is_set():
             try:
                 self._receive()
+                self._shed()
                 self._dispatch()
                 self._renew_locks()
             except Exception:
@@ -167,20 +205,68 @@ class StageWorker:
         now = time.monotonic()
         deferred: list[tuple[ReceivedMessage, Retry]] = []
         with self._lock:
+            stuck_share = self._stuck_share(now)
             for message in messages:
                 publisher = str(message.application_properties.get(PROP_PUBLISHER_ID, ""))
                 state = self._publishers.setdefault(publisher, _PublisherState())
                 # Held for longer than a moment (a penalty): as stuck as a CRM that hangs.
                 held_for = state.not_before - now
                 stuck = now - state.last_progress > STUCK_AFTER or held_for > STUCK_AFTER
-                if len(state.backlog) + state.in_flight >= self.publisher_capacity and stuck:
+                holds = len(state.backlog) + state.in_flight
+                if holds >= self.publisher_capacity and stuck:
                     # Holding more of its messages would crowd out others, so the overflow is put off.
                     deferred.append((message, self._overflow(state, held_for, now)))
+                    continue
+                if holds >= stuck_share and self._stuck(state, now):
+                    deferred.append((message, self._put_off(state, message, now)))
                     continue
                 state.backlog.append((message, now))
                 self._held += 1
         for message, outcome in deferred:
             self._run_outcome(message, outcome, now)
+
+    def _stuck(self, state: _PublisherState, now: float) -> bool:
+        """Held by a penalty, its CRM failing, or its work in flight unanswered for a while."""
+        return (
+            state.not_before - now > STUCK_AFTER
+            or state.failing
+            or (state.in_flight > 0 and (now - state.last_progress > STUCK_AFTER or state.unanswered(now)))
+        )
+
+    def _stuck_share(self, now: float) -> int:
+        """What each stuck publisher may hold now: stuck ones together hold at most half the capacity."""
+        stuck = sum(1 for state in self._publishers.values() if self._stuck(state, now))
+        return min(self.publisher_capacity, max(1, (self.capacity // 2) // max(1, stuck)))
+
+    def _shed(self) -> None:
+        """Put off what stuck publishers hold beyond their share (the newest first): held messages
+        of a publisher that became stuck would otherwise keep the worker's capacity from the others."""
+        now = time.monotonic()
+        shed: list[tuple[ReceivedMessage, Retry]] = []
+        with self._lock:
+            share = self._stuck_share(now)
+            for state in self._publishers.values():
+                excess = min(len(state.backlog), len(state.backlog) + state.in_flight - share)
+                if excess <= 0 or not self._stuck(state, now):
+                    continue
+                for _ in range(excess):
+                    message, _received = state.backlog.pop()
+                    shed.append((message, self._put_off(state, message, now)))
+                self._held -= excess
+        for message, outcome in shed:
+            self._run_outcome(message, outcome, now)
+
+    def _put_off(self, state: _PublisherState, message: ReceivedMessage, now: float) -> Retry:
+        """What becomes of a message beyond a stuck publisher's part: put off without an attempt (it
+        never reached the CRM; only the messages tried spend attempts). Held by a penalty: until it
+        ends. A CRM that fails or does not answer: for longer each time the message is put off."""
+        held_for = state.not_before - now
+        if held_for > STUCK_AFTER:
+            return Retry("publisher backlog full: deferred", held_for, not_sent=True)
+        if state.failing or state.unanswered(now):
+            delay = min(MAX_OVERFLOW_DELAY, FAILING_DEFERRAL * 2 ** min(deferrals_of(message), 6))
+            return Retry("publisher backlog full: its CRM is failing", delay, not_sent=True)
+        return self._overflow(state, held_for, now)
 
     @staticmethod
     def _overflow(state: _PublisherState, held_for: float, now: float) -> Retry:
@@ -201,10 +287,26 @@ class StageWorker:
     def _dispatch(self) -> None:
         now = time.monotonic()
         with self._lock:
-            for publisher, state in self._publishers.items():
+            # Work unanswered for SLOW_AFTER holds a spare thread, not one of the ``concurrency``.
+            answering = sum(1 for started in self._running.values() if now - started <= SLOW_AFTER)
+            unanswered = len(self._running) - answering
+            publishers = list(self._publishers.items())
+            if not publishers:
+                return
+            self._rotor = (self._rotor + 1) % len(publishers)
+            for publisher, state in publishers[self._rotor :] + publishers[: self._rotor]:
+                if answering >= self.concurrency or len(self._running) >= self.max_threads:
+                    break
                 if state.not_before > now or not state.backlog:
                     continue
                 limit = self.publisher_concurrency
+                if state.failing or not state.proven or state.unanswered(now):
+                    # Until its CRM has answered (again), one at a time: a CRM that hangs holds one thread.
+                    limit = 1
+                    if state.failing and unanswered >= self.max_threads - 2 * self.concurrency:
+                        continue  # the spares are full of unanswered work: no more probes for now
+                if state.in_flight >= limit:
+                    continue
                 if self.batching:
                     # Ask the pacer first: while it says "not yet" the backlog grows into one larger
                     # $batch, instead of several small requests that would each be told to wait.
@@ -213,20 +315,30 @@ class StageWorker:
                         state.not_before = now + wait - HOLD_EARLY
                         continue
                     limit = min(limit, state.in_flight + max(1, room))
-                while state.backlog and state.in_flight < limit and self._busy < self.concurrency:
+                while (
+                    state.backlog
+                    and state.in_flight < limit
+                    and answering < self.concurrency
+                    and len(self._running) < self.max_threads
+                ):
                     if self.batching:
                         take = min(len(state.backlog), self.max_batch)
                     else:
                         # A backlog is shared out over the free slots in groups (up to SETTLE_GROUP), each
                         # settled with one send and one complete; a short one still goes one per slot.
-                        slots = max(1, min(limit - state.in_flight, self.concurrency - self._busy))
+                        slots = max(1, min(limit - state.in_flight, self.concurrency - answering))
                         take = max(1, min(len(state.backlog) // slots, SETTLE_GROUP))
                     batch = [state.backlog.popleft() for _ in range(take)]
+                    if state.in_flight == 0:
+                        state.last_progress = now  # the wait for an answer starts now, not when it was idle
+                    token = next(self._tokens)
+                    self._running[token] = state.running[token] = now
                     state.in_flight += 1
                     self._busy += 1
-                    self._pool.submit(self._work, state, batch)
+                    answering += 1
+                    self._pool.submit(self._work, state, batch, token)
 
-    def _work(self, state: _PublisherState, batch: list[tuple[ReceivedMessage, float]]) -> None:
+    def _work(self, state: _PublisherState, batch: list[tuple[ReceivedMessage, float]], token: int = -1) -> None:
         held: list[tuple[ReceivedMessage, float]] = []
         hold_for = 0.0
         with self._lock:
@@ -257,9 +369,12 @@ class StageWorker:
                 self._run_outcomes(done)
             if reached:
                 state.failing = failed == reached
+                state.proven = state.proven or not state.failing
         finally:
             with self._lock:
                 now = time.monotonic()
+                self._running.pop(token, None)
+                state.running.pop(token, None)
                 for m, _ in batch:
                     self._in_flight.pop(id(m), None)
                 state.in_flight -= 1

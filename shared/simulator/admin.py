@@ -10,6 +10,7 @@ separately started simulator be inspected and driven (by the demo, a test, or a 
     GET  /_simulator/orgs/{org}/faults             pending faults and added latency
     POST /_simulator/orgs/{org}/faults             {"latency": s, "fail_next": {"n", "status"},
                                                    "hang_next": {"n", "seconds"}, "reset_next": {"n"},
+                                                   "hang_all": {"seconds"} (every request, until clear),
                                                    "throttle_next": {"n", "retry_after"},
                                                    "redirect_next": {"n", "location"},
                                                    "token_fail_next": {"n", "status"}, "clear": true}
@@ -189,6 +190,7 @@ class AdminApi:
             "clear",
             "fail_next",
             "hang_next",
+            "hang_all",
             "reset_next",
             "throttle_next",
             "redirect_next",
@@ -216,6 +218,14 @@ class AdminApi:
             n, spec = _count(body["hang_next"], "hang_next")
             seconds = _number(spec, "seconds")
             actions.append(functools.partial(faults.hang_next, n, seconds))
+        if "hang_all" in body:
+            spec = body["hang_all"]
+            if not isinstance(spec, dict):
+                raise AdminError(400, "hang_all must be an object")
+            hang_seconds = _number(spec, "seconds")
+            if hang_seconds < 0:
+                raise AdminError(400, "hang_all.seconds must not be negative")
+            actions.append(functools.partial(faults.hang_all, hang_seconds))
         if "reset_next" in body:
             n_reset, _ = _count(body["reset_next"], "reset_next")
             actions.append(functools.partial(faults.reset_next, n_reset))

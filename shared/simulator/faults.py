@@ -40,6 +40,8 @@ class Faults:
         self._every = 0
         self._every_status = 503
         self._every_count = 0
+        #: > 0: every CRM request with no queued fault stalls this long (a CRM that hangs).
+        self._hang_all = 0.0
 
     @property
     def latency(self) -> float:
@@ -84,6 +86,15 @@ class Faults:
         """Stall the next ``n`` CRM requests for ``seconds`` before handling them (the client times out,
         but the request is still carried out afterwards, as a slow real server would)."""
         self._add(n, Fault("hang", seconds=float(seconds)))
+
+    def hang_all(self, seconds: float) -> None:
+        """From now on stall every CRM request (when no queued fault applies) for ``seconds`` before
+        handling it: a CRM that accepts connections and does not answer, until :meth:`clear`. The
+        client's read timeout is what bounds it. Raises ValueError for a negative ``seconds``."""
+        if seconds < 0:
+            raise ValueError("seconds must not be negative")
+        with self._lock:
+            self._hang_all = float(seconds)
 
     def reset_next(self, n: int) -> None:
         """Drop the next ``n`` CRM connections with a TCP reset and no answer."""
@@ -158,6 +169,7 @@ class Faults:
             self._token.clear()
             self._chaos = []
             self._every = self._every_count = 0
+            self._hang_all = 0.0
 
     def take(self, *, authenticated: bool = True) -> Fault | None:
         """The fault for the request that just arrived, if any (consumes it).
@@ -167,6 +179,8 @@ class Faults:
         with self._lock:
             if self._queue and (authenticated or self._queue[0].kind != "throttle"):
                 return self._queue.popleft()
+            if self._hang_all:
+                return Fault("hang", seconds=self._hang_all)
             if self._chaos and authenticated:
                 draw = self._random.random()
                 for limit, fault in self._chaos:
@@ -191,4 +205,6 @@ class Faults:
                 counts[fault.kind] = counts.get(fault.kind, 0) + 1
             if self._token:
                 counts["token_fail"] = len(self._token)
+            if self._hang_all:
+                counts["hang_all"] = 1
             return counts

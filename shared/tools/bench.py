@@ -51,6 +51,7 @@ from shared.pipeline.write_lead import MAX_BATCH
 from shared.runtime.embedded import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import DEFAULT_SOLUTION_NAME, Settings
+from shared.tools.bench_publishers import run_publishers
 from shared.transport.base import OutgoingMessage
 from shared.transport.metering import MeteredTransport
 
@@ -502,7 +503,8 @@ def run_naive(sim: SimulatorProcess, leads: int) -> RunFigures:
 # --- scenarios ---------------------------------------------------------------------------------------
 
 ScenarioName = Literal[
-    "throughput", "nobatch", "limits", "execution", "overhead", "isolation", "memory", "heal", "endtoend"
+    "throughput", "nobatch", "limits", "execution", "overhead", "isolation", "memory", "heal", "endtoend",
+    "publishers",
 ]
 
 
@@ -532,6 +534,18 @@ class Scenario:
     #: Several leads of a publisher go as CreateMultiple (else always $batch); the execution scenario
     #: runs both paths.
     create_multiple: bool = True
+    #: publishers (shared.tools.bench_publishers): how many of ``publishers`` throttle (429 with
+    #: ``throttled_retry_after``) and hang; the leads enqueued at once for the peak RSS run; the CRM
+    #: read timeout (None: the setting's default).
+    throttled_publishers: int = 0
+    hung_publishers: int = 0
+    in_flight_leads: int = 0
+    read_timeout: float | None = None
+
+    @property
+    def orgs(self) -> int:
+        """The simulator's orgs: the publishers, and a second set of faulty ones (publishers scenario)."""
+        return self.publishers + self.throttled_publishers + self.hung_publishers
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -611,6 +625,17 @@ SCENARIOS: dict[str, Scenario] = {
             500,
             heal_after_slot=30.0,
         ),
+        Scenario(
+            "publishers",
+            "200 publishers, 10 throttled for 10 min and 10 hung; the healthy 180 vs calm runs; "
+            "50,000 leads in flight: peak RSS",
+            6000,
+            publishers=200,
+            throttled_publishers=10,
+            hung_publishers=10,
+            throttled_retry_after=600.0,
+            in_flight_leads=50_000,
+        ),
     )
 }
 
@@ -687,6 +712,21 @@ def _targets(scenario: Scenario, result: dict[str, Any]) -> list[Target]:
             Target("end to end via HTTP ingest: speed-up over naive (x)", paths["http"]["speedup"], ">=", 50.0),
             Target("end to end: each lead stored once, none left", float(all_stored_once(result)), ">=", 1.0),
         ]
+    if name == "publishers":
+        pubs = result["publishers"]
+        faulty = pubs["faulty_orgs"]["faulty"]
+        return [
+            Target("healthy publishers' throughput vs all calm", pubs["ratio_vs_calm"], ">=", 0.9),
+            Target("healthy publishers' throughput vs them alone", pubs["ratio_vs_alone"], ">=", 0.9),
+            Target(
+                f"peak RSS MB at {pubs['in_flight_leads']:,} leads in flight",
+                pubs["in_flight_peak_rss_mb"],
+                "<=",
+                250.0,
+            ),
+            Target("requests to the throttled CRMs during their penalty", faulty["throttled_during_penalty"], "<=", 0),
+            Target("leads lost (every run)", pubs["lost"], "<=", 0),
+        ]
     if name == "heal":
         return [
             Target("heal → last lead delivered (s)", ours["heal_to_last_delivered_seconds"], "<=", 60.0),
@@ -730,7 +770,7 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
     }
     with tempfile.TemporaryDirectory(prefix="leadwriter-bench-") as tmp:
         sim = SimulatorProcess(
-            scenario.publishers,
+            scenario.orgs,
             scenario.latency,
             scenario.limits,
             Path(tmp) / "simulator",
@@ -747,6 +787,8 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
             if scenario.heal_after_slot > 0:
                 _status(f"[heal] {scenario.leads} leads, the CRM down until each waits a minute, then healed")
                 result["leadwriter"] = run_heal(sim, scenario, data_dir=Path(tmp) / "leadwriter")
+            elif scenario.name == "publishers":
+                result.update(run_publishers(sim, scenario, Path(tmp), concurrency=concurrency, status=_status))
             elif scenario.throttled_retry_after > 0:
                 result.update(_run_isolation(sim, scenario, Path(tmp), common))
             elif scenario.name == "endtoend":
@@ -1042,6 +1084,8 @@ def _all_delivered(result: dict[str, Any]) -> bool:
     if result["scenario"] == "limits" and "limits" in result:
         # The run stops after three windows by design, with leads still queued.
         return bool(result["leadwriter"]["delivered"] > 0)
+    if "publishers" in result:
+        return bool(result["publishers"]["lost"] == 0 and result["publishers"]["healthy_undelivered"] == 0)
     runs = [result["leadwriter"], result.get("unthrottled")]
     if "isolation" in result:
         # The throttled publisher's leads wait out its penalty: the nine others' must all be there.
@@ -1055,7 +1099,7 @@ def _print_tables(result: dict[str, Any]) -> None:
     ours: dict[str, Any] = result["leadwriter"]
     other_name, other = ("naive", result.get("naive"))
     if "unthrottled" in result:
-        other_name, other = "nine alone", result["unthrottled"]
+        other_name, other = ("calm" if "publishers" in result else "nine alone"), result["unthrottled"]
     second = result.get("http_path")  # endtoend: the HTTP ingest path beside the enqueue path
     title = f"leadwriter bench --scenario {result['scenario']}"
     if result.get("speedup") is not None:
@@ -1068,7 +1112,13 @@ def _print_tables(result: dict[str, Any]) -> None:
     if other is not None:
         table.add_column(other_name, justify="right")
     for name, value in ours.items():
-        if name in ("per_publisher_leads_per_second", "servicebus_operations", "servicebus_operations_per_lead"):
+        if name in (
+            "per_publisher_leads_per_second",
+            "servicebus_operations",
+            "servicebus_operations_per_lead",
+            "faulty",
+            "dead_letter_reasons",
+        ):
             continue
         row = [name.replace("_", " "), str(value)]
         if second is not None:
@@ -1081,7 +1131,7 @@ def _print_tables(result: dict[str, Any]) -> None:
     if ours.get("servicebus_operations_per_lead"):
         kinds = ", ".join(f"{k} {v:g}" for k, v in ours["servicebus_operations_per_lead"].items())
         out.print(f"Service Bus operations per lead: {kinds}")
-    for extra in ("limits", "isolation", "execution", "endtoend"):
+    for extra in ("limits", "isolation", "execution", "endtoend", "publishers"):
         if extra in result:
             out.print(f"{extra}: {json.dumps(result[extra])}")
     targets = Table(title="targets")

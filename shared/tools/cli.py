@@ -1031,8 +1031,8 @@ def bench(
     scenario: Annotated[
         str,
         typer.Option(
-            help="throughput (default), nobatch, limits, execution, overhead, isolation, memory, heal or "
-            "endtoend; see BENCHMARKS.md."
+            help="throughput (default), nobatch, limits, execution, overhead, isolation, memory, heal, "
+            "endtoend or publishers; see BENCHMARKS.md."
         ),
     ] = "throughput",
     leads: Annotated[int | None, typer.Option(min=1, help="Leads to deliver (default: the scenario's).")] = None,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SOLUTION_TTL = 300.0
 SOLUTION_NEGATIVE_TTL = 30.0
-#: A query that failed (timeout, reset, 5xx) answers the publisher's waiting messages for this long.
+#: How long a failed query (timeout, reset, 5xx) is kept for the messages that waited on it to share.
 SOLUTION_FAILURE_TTL = 5.0
 
 
@@ -50,16 +50,19 @@ def solution_of(pipeline: Pipeline, publisher_id: str, connection: Connection) -
     One query per publisher at a time: concurrent messages of a publisher whose result is not cached
     wait for the first one's answer instead of each asking the CRM (and, when it throttles, each
     sending into the penalty). When that query fails (CrmUnavailable: a CRM that hangs until the read
-    timeout, resets or answers 5xx), the waiting messages fail with it for ``SOLUTION_FAILURE_TTL``
-    instead of each waiting out a timeout of its own in turn.
+    timeout, resets or answers 5xx), the messages that waited for it fail with it instead of each
+    waiting out a timeout of its own in turn; a message that comes later asks again.
     """
     key = (publisher_id, connection.fingerprint())
     found = pipeline.solution_cache.get(key)
     if found is None:
+        # Only a failure met while this message waited is shared: one recorded before it came is not
+        # its answer (a retry must ask the CRM again, or it would spend attempts on no request at all).
+        before = pipeline.solution_failures.get(key)
         with pipeline.key_locks.lock(key):
             found = pipeline.solution_cache.get(key)
             failure = pipeline.solution_failures.get(key) if found is None else None
-            if failure is not None:
+            if failure is not None and failure is not before:
                 raise copy.copy(failure)
             if found is None:
                 try:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.transport.base import OutgoingMessage, QueueStats, ReceivedMessage, Transport
+from shared.transport.base import LockLost, OutgoingMessage, QueueStats, ReceivedMessage, Transport
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,23 @@ class MeteredTransport:
     def complete(self, message: ReceivedMessage) -> None:
         self.inner.complete(message)
         self._add("completes")
+
+    def complete_many(self, messages: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
+        """Complete ``messages``; one complete each (Service Bus settles lock tokens one by one, so a
+        group written in one broker transaction here is as many operations there). Returns those whose
+        lock was lost, which are not counted."""
+        together = getattr(self.inner, "complete_many", None)
+        if together is not None:
+            lost: list[ReceivedMessage] = list(together(messages))
+        else:
+            lost = []
+            for message in messages:
+                try:
+                    self.inner.complete(message)
+                except LockLost:
+                    lost.append(message)
+        self._add("completes", len(messages) - len(lost))
+        return lost
 
     def abandon(self, message: ReceivedMessage) -> None:
         self.inner.abandon(message)

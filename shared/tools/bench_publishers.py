@@ -1,6 +1,6 @@
 """The ``publishers`` bench scenario: many publishers, some of whose CRMs throttle or hang.
 
-Issue 15's "scale of publishers": 200 publishers, 20 of whose CRMs misbehave — half answer their
+Scale of publishers: 200 publishers, 20 of whose CRMs misbehave — half answer their
 first request 429 with a long ``Retry-After``, half accept connections and never answer (the
 simulator's ``hang_all``; the client's read timeout bounds each request). Four runs, each with a
 fresh Lead Writer (data dir) against one simulator in a child process:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from shared.errors import InvalidLead
 from shared.pipeline.lead import (
     COLUMN_MAX_LENGTHS,
+    DO_NOT_CONTACT_COLUMNS,
     Customer,
     LeadMessage,
     MarketplaceLead,
@@ -111,6 +112,12 @@ def check_columns(message: LeadMessage) -> None:
     assert columns["leadsourcecode"] == 8
     assert "subject" in columns
     assert "description" in columns
+    # A do-not-contact lead (action code DNC) sets Dynamics' own flags, and only such a lead does.
+    flags = {column: columns.pop(column) for column in DO_NOT_CONTACT_COLUMNS if column in columns}
+    if message.lead.action_code == "DNC":
+        assert flags == dict.fromkeys(DO_NOT_CONTACT_COLUMNS, True)
+    else:
+        assert flags == {}
     for column, value in columns.items():
         if column == "leadsourcecode":
             continue

@@ -78,6 +78,11 @@ MAX_OVERFLOW_DELAY = 60.0
 #: Messages of one publisher a non-write stage handles in one go when its backlog is long: their
 #: forwards go in one send and their completions in one broker write, not one of each per message.
 SETTLE_GROUP = 50
+#: A non-write stage fed a trickle (one POST at a time) waits up to TRICKLE_WAIT seconds for a
+#: publisher's backlog to reach TRICKLE_GROUP before dispatching it, and hands out groups of at least
+#: that many: one claim, one send and one complete for a few leads instead of each of them per lead.
+TRICKLE_GROUP = 8
+TRICKLE_WAIT = 0.02
 #: What a stuck publisher holds beyond its part, while its CRM fails or does not answer, is first put
 #: off this long, then twice as long each time (up to MAX_OVERFLOW_DELAY).
 FAILING_DEFERRAL = 5.0
@@ -325,9 +330,14 @@ class StageWorker:
                         take = min(len(state.backlog), self.max_batch)
                     else:
                         # A backlog is shared out over the free slots in groups (up to SETTLE_GROUP), each
-                        # settled with one send and one complete; a short one still goes one per slot.
+                        # settled with one send and one complete; a short one waits a moment (TRICKLE_WAIT)
+                        # to grow, then goes in groups of TRICKLE_GROUP rather than one per slot.
+                        if len(state.backlog) < TRICKLE_GROUP and now - state.backlog[0][1] < TRICKLE_WAIT:
+                            break  # a trickle: a moment more, and the next few leads go with it
                         slots = max(1, min(limit - state.in_flight, self.concurrency - answering))
-                        take = max(1, min(len(state.backlog) // slots, SETTLE_GROUP))
+                        take = max(
+                            min(len(state.backlog), TRICKLE_GROUP), min(len(state.backlog) // slots, SETTLE_GROUP)
+                        )
                     batch = [state.backlog.popleft() for _ in range(take)]
                     if state.in_flight == 0:
                         state.last_progress = now  # the wait for an answer starts now, not when it was idle

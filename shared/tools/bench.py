@@ -51,7 +51,6 @@ from shared.pipeline.write_lead import MAX_BATCH
 from shared.runtime.embedded import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import DEFAULT_SOLUTION_NAME, Settings
-from shared.tools.bench_publishers import run_publishers
 from shared.transport.base import OutgoingMessage
 from shared.transport.metering import MeteredTransport
 
@@ -788,6 +787,8 @@ def run_scenario(scenario: Scenario, *, concurrency: int = 16) -> dict[str, Any]
                 _status(f"[heal] {scenario.leads} leads, the CRM down until each waits a minute, then healed")
                 result["leadwriter"] = run_heal(sim, scenario, data_dir=Path(tmp) / "leadwriter")
             elif scenario.name == "publishers":
+                from shared.tools.bench_publishers import run_publishers
+
                 result.update(run_publishers(sim, scenario, Path(tmp), concurrency=concurrency, status=_status))
             elif scenario.throttled_retry_after > 0:
                 result.update(_run_isolation(sim, scenario, Path(tmp), common))

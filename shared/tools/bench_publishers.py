@@ -42,6 +42,7 @@ from shared.pipeline.settle import Settled
 from shared.runtime.embedded import EmbeddedRuntime
 from shared.services import Services
 from shared.settings import Settings
+from shared.tools.bench import _cpu_seconds, _message, _percentile, _ratio
 from shared.transport.embedded import EmbeddedBroker
 
 if TYPE_CHECKING:
@@ -105,40 +106,8 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _body(publisher: str, lead_id: str, n: int) -> bytes:
-    return json.dumps(
-        {
-            "leadId": lead_id,
-            "publisherId": publisher,
-            "lead": {
-                "UserDetails": {
-                    "FirstName": f"Ada{n}",
-                    "LastName": "Lovelace",
-                    "Email": f"ada{n}@example.com",
-                    "Company": "Contoso",
-                    "Country": "US",
-                },
-                "LeadSource": "AzureMarketplace-INS|contoso.widget-saas",
-                "OfferTitle": "Contoso Widget",
-            },
-        }
-    ).encode()
-
-
 def _lead_id(publisher: str, tag: str, n: int) -> str:
     return f"{publisher}-{tag}{n:07d}"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def run_publishers_once(
@@ -211,7 +180,8 @@ def run_publishers_once(
         for n in range(leads):
             publisher = publishers[n % count]
             lead_id = _lead_id(publisher, tag, n)
-            batch.append(envelope(_body(publisher, lead_id, n), publisher_id=publisher, lead_id=lead_id))
+            body = json.dumps({**_message(publisher, n), "leadId": lead_id}).encode()
+            batch.append(envelope(body, publisher_id=publisher, lead_id=lead_id))
             if len(batch) == SEND_BATCH:
                 yield batch
                 batch = []
@@ -450,11 +420,6 @@ def run_publishers(
         "runs": runs,
     }
 
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or not b:
-        return None
-    return round(a / b, 3)
 
 
 __all__ = ["PublishersRun", "run_publishers", "run_publishers_once"]

@@ -25,7 +25,7 @@ from shared.pipeline.lead import mask_email
 from shared.pipeline.messages import attempt_of, deferrals_of, rescheduled_copy
 from shared.pipeline.outcomes import Delivered, Forward, Outcome, Reject, Retry, SettleAction, Stage
 from shared.pipeline.retry import next_retry
-from shared.transport.base import LockLost, OutgoingMessage, ReceivedMessage
+from shared.transport.base import LockLost, OutgoingMessage, ReceivedMessage, complete_all
 
 logger = logging.getLogger(__name__)
 
@@ -189,17 +189,7 @@ def settle_many(
     try:
         for queue, outgoing in by_queue.items():
             sender.send(queue, outgoing)
-        messages = [message for message, _, _ in simple]
-        complete_many = getattr(settler, "complete_many", None)
-        if complete_many is not None:
-            lost_ids = {id(m) for m in complete_many(messages)}
-        else:
-            lost_ids = set()
-            for message in messages:
-                try:
-                    settler.complete(message)
-                except LockLost:
-                    lost_ids.add(id(message))
+        lost_ids = {id(m) for m in complete_all(settler, [message for message, _, _ in simple])}
     except Exception as exc:  # noqa: BLE001 - every message of the group stays locked, to be redelivered
         for message, _, _ in simple:
             failed(message, exc)

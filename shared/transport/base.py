@@ -155,3 +155,24 @@ class ScheduleLedger(Protocol):
 
     def forget(self, entries: Sequence[ScheduledEntry]) -> None:
         """Drop entries (released, cancelled, or found gone)."""
+
+
+class Completes(Protocol):
+    """What :func:`complete_all` needs of a broker."""
+
+    def complete(self, message: ReceivedMessage) -> None: ...
+
+
+def complete_all(settler: Completes, messages: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
+    """Complete ``messages``: in one write where the broker offers ``complete_many``, else one by one.
+    Returns those whose lock was lost (left as they are, to be redelivered)."""
+    together = getattr(settler, "complete_many", None)
+    if together is not None:
+        return list(together(messages))
+    lost: list[ReceivedMessage] = []
+    for message in messages:
+        try:
+            settler.complete(message)
+        except LockLost:
+            lost.append(message)
+    return lost

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.transport.base import LockLost, OutgoingMessage, QueueStats, ReceivedMessage, Transport
+from shared.transport.base import OutgoingMessage, QueueStats, ReceivedMessage, Transport, complete_all
 
 
 @dataclass(frozen=True)
@@ -125,16 +125,7 @@ class MeteredTransport:
         """Complete ``messages``; one complete each (Service Bus settles lock tokens one by one, so a
         group written in one broker transaction here is as many operations there). Returns those whose
         lock was lost, which are not counted."""
-        together = getattr(self.inner, "complete_many", None)
-        if together is not None:
-            lost: list[ReceivedMessage] = list(together(messages))
-        else:
-            lost = []
-            for message in messages:
-                try:
-                    self.inner.complete(message)
-                except LockLost:
-                    lost.append(message)
+        lost = complete_all(self.inner, messages)
         self._add("completes", len(messages) - len(lost))
         return lost
 

@@ -27,6 +27,7 @@ from shared.api import (
 )
 from shared.api.auth import LIMITER_STATE, FailedKeyLimiter
 from shared.api.errors import install_error_handlers
+from shared.api.ingest import IngestShortcut
 from shared.api.logredact import install_log_redaction
 from shared.api.middleware import ApiMiddleware
 from shared.api.models import HealthAnswer
@@ -124,6 +125,8 @@ def create_app(services: Services, *, seen_ids: SeenIds | None = None, mappings:
     # Probed by writing a small file, at most every few seconds however often health is asked.
     data_dir_probe = WritableProbe(services.settings.data_dir)
     install_error_handlers(app)
+    # Added first, so it runs inside ApiMiddleware: the body limit, headers and log apply to it too.
+    app.add_middleware(IngestShortcut)
     app.add_middleware(ApiMiddleware, max_body=MAX_BODY_BYTES)
     health_lock = asyncio.Lock()
     health_cache: list[Any] = []

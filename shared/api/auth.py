@@ -251,6 +251,34 @@ class Guard:
         setattr(request.state, _STATE_KEY, principal)
         return principal
 
+    def known_principal(self, request: Request) -> Principal | None:
+        """The principal :meth:`authorize` would decide, when that takes no I/O and counts no
+        failure: a key that is the admin key or a cached publisher key, allowed on this route for the
+        publisher it names, from an address not held back. None otherwise — :meth:`authorize` then
+        decides, reads the store, counts a bad key and raises. Raises nothing."""
+        services = services_of(request)
+        if _limiter_of(request).retry_after(_address_of(request)) is not None:
+            return None
+        key = bearer_key(request)
+        from_query = False
+        if key is None and self.query_key:
+            key, from_query = request.query_params.get("key") or None, True
+        if key is None:
+            return None
+        if not from_query and _is_admin_key(services, key):
+            principal = Principal(admin=True)
+        else:
+            known, publisher_id = services.api_keys.verify_cached(key)
+            if not known or publisher_id is None:
+                return None
+            principal = Principal(admin=False, publisher_id=publisher_id)
+        if self.admin_only and not principal.admin:
+            return None
+        target = request.path_params.get("publisherId")
+        if not self.admin_only and not (isinstance(target, str) and principal.may_act_for(target)):
+            return None
+        return principal
+
     def check_scope(self, principal: Principal, request: Request) -> None:
         """The key may act for the publisher the request names (the ``publisherId`` path parameter).
         Raises Forbidden (403)."""

@@ -6,12 +6,10 @@ ingest also takes the publisher key as ``?key=``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol, runtime_checkable
 
@@ -20,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from shared.api.auth import INGEST, PUBLISHER, GuardedRoute, Principal, services_dependency
 from shared.api.errors import error_response, retry_later_response
+from shared.api.ingest import INGEST_PATH, deliver_lead, prepare_lead
 from shared.api.models import (
     ConnectionAnswer,
     ConnectionBody,
@@ -33,26 +32,19 @@ from shared.crm import LeadWrite
 from shared.crm.connection import Connection
 from shared.crm.urlguard import check_crm_url
 from shared.crm.verify import VerificationReport, verify_connection
-from shared.errors import CONFIGURATION_REASONS, DeadLetter, InvalidLead, RetryLater
-from shared.names import QUEUE_INCOMING, STAGE_QUEUES
+from shared.errors import CONFIGURATION_REASONS, DeadLetter, RetryLater
+from shared.names import STAGE_QUEUES
 from shared.ops.deadletters import UNKNOWN_REASON, DeadLetterFilter, list_dead_letters, replay
 from shared.pipeline.identity import (
     IDEMPOTENCY_KEY_HEADER,
-    InvalidIdempotencyKey,
     SeenIds,
-    check_idempotency_key,
-    content_lead_id,
 )
 from shared.pipeline.lead import (
     LeadMessage,
-    decode_json_object,
     lead_record_id,
-    parse_incoming,
     parse_marketplace_lead,
-    repair_text,
     to_dataverse_columns,
 )
-from shared.pipeline.messages import envelope
 from shared.secretstore.base import validate_publisher_id
 from shared.services import Services
 
@@ -361,41 +353,13 @@ async def seen_ids_of(request: Request) -> SeenIds:
     return seen
 
 
-def _ingest_lead_id(publisher_id: str, message: dict[str, Any], lead: Any, idempotency_key: str | None) -> str:
-    """The lead id of an ingested lead: ``leadId`` in the body, else the ``Idempotency-Key`` header,
-    else derived from the lead's content (architecture §3).
-
-    Raises InvalidIdempotencyKey (422) for an unusable header or one that contradicts ``leadId``, and
-    InvalidLead for a lead that has no canonical form.
-    """
-    key = check_idempotency_key(idempotency_key) if idempotency_key is not None else None
-    given = message.get("leadId")
-    if given is not None:
-        if key is not None and given != key:
-            raise InvalidIdempotencyKey(f"the {IDEMPOTENCY_KEY_HEADER} header differs from leadId in the body")
-        if not isinstance(given, str):
-            raise InvalidLead("leadId must be a string", field="leadId")
-        return given
-    if key is not None:
-        return key
-    if lead is None:
-        raise InvalidLead("the message has no lead object", field="lead")
-    if not isinstance(lead, Mapping):
-        raise InvalidLead("lead must be an object", field="lead")
-    try:
-        return content_lead_id(publisher_id, lead)
-    except ValueError:
-        # A parsed JSON body has string keys and JSON values only: NaN or Infinity is all that can fail.
-        raise InvalidLead("the body holds NaN or Infinity, which JSON does not allow", field="body") from None
-
-
 async def _raw_body(request: Request) -> bytes:
     """The request body as sent; parsed by the lead rules, not FastAPI's (whose parser recurses)."""
     return await request.body()
 
 
 @router.post(
-    "/api/publishers/{publisherId}/leads",
+    INGEST_PATH,
     status_code=202,
     response_model=IngestAnswer,
     responses={**_ERRORS, 200: {"model": IngestAnswer, "description": "A duplicate: this lead was accepted before."}},
@@ -455,41 +419,8 @@ def ingest_lead(
     Raises InvalidPublisherId / InvalidLead / InvalidIdempotencyKey (422), RetryLater (503).
     """
     del key  # read by the INGEST guard; declared for the OpenAPI document
-    validate_publisher_id(publisher_id)
-    # The same door as the queue path: size, depth, UTF-8, strict JSON (no NaN), an object.
-    payload = decode_json_object(raw)
-    if "lead" in payload:
-        message: dict[str, Any] = dict(payload)
-        claimed = message.get("publisherId")
-        if claimed is not None and claimed != publisher_id:
-            raise InvalidLead("publisherId in the body differs from the publisher in the path", field="publisherId")
-        message["publisherId"] = publisher_id
-    else:
-        message = {"publisherId": publisher_id, "lead": payload}
-    message["leadId"] = _ingest_lead_id(publisher_id, message, message.get("lead"), idempotency_key)
-    if message.get("receivedAt") is None:
-        message["receivedAt"] = _now().isoformat().replace("+00:00", "Z")
-    # Lone surrogates (a "\\ud800" escape) are repaired by the rule the queue path applies, so the
-    # stored body is valid UTF-8 and the lead reads the same whichever door it came through.
-    body = json.dumps(repair_text(message), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    lead = parse_incoming(body)
-    try:
-        # Grouped with the sends of requests arriving at the same moment: one broker write for them all.
-        services.ingest.send(QUEUE_INCOMING, [envelope(body, publisher_id=publisher_id, lead_id=lead.lead_id)])
-    except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the caller should retry
-        logger.warning("could not queue lead %s of publisher %s: %s", lead.lead_id, publisher_id, type(exc).__name__)
-        return retry_later_response("the lead could not be queued now; send it again", None)
-    try:
-        first = seen.first_time(publisher_id, lead.lead_id)
-    except Exception as exc:  # noqa: BLE001 - the lead is queued; only the "duplicate" flag is unknown
-        logger.warning(
-            "could not record lead %s of publisher %s as seen: %s", lead.lead_id, publisher_id, type(exc).__name__
-        )
-        first = True
-    if not first:
-        logger.info("lead %s of publisher %s was posted again: a duplicate", lead.lead_id, publisher_id)
-        response.status_code = 200
-        return IngestAnswer(lead_id=lead.lead_id, queued=True, duplicate=True)
-    # One a lead: DEBUG. The stages' settlement summary (INFO, once a minute) counts what came in.
-    logger.debug("queued lead %s of publisher %s", lead.lead_id, publisher_id)
-    return IngestAnswer(lead_id=lead.lead_id, queued=True)
+    outcome = deliver_lead(services, seen, prepare_lead(publisher_id, raw, idempotency_key))
+    if isinstance(outcome, JSONResponse):
+        return outcome
+    response.status_code, answer = outcome
+    return answer

@@ -29,7 +29,13 @@ from shared.ops.logfilter import RateLimitFilter
 from shared.runtime.embedded import wait_until
 from shared.services import Services
 from shared.simulator import CrmSimulator
-from shared.tools.httpserver import MAX_CONNECTIONS, WORKER_FD_RESERVE, connection_cap, server_config
+from shared.tools.httpserver import (
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    WORKER_FD_RESERVE,
+    connection_cap,
+    server_config,
+)
 from tests.fixtures.api import make_settings
 from tests.fixtures.harness import Harness, lead_message
 
@@ -148,6 +154,31 @@ def test_a_keep_alive_connection_that_trickles_its_next_request_is_closed(tmp_pa
         client.sendall(PARTIAL_REQUEST)
         client.setblocking(False)
         wait_all_closed([], [client], timeout=30)
+
+
+def _recv_all(client: socket.socket) -> bytes:
+    chunks = []
+    while chunk := client.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_headers_over_the_limit_are_refused_400_and_closed_while_a_large_body_is_read(tmp_path: Path) -> None:
+    services = Services.from_settings(make_settings(tmp_path / "data"))
+    with ExitStack() as stack:
+        stack.callback(services.close)
+        live = stack.enter_context(served(services))
+        client = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        stack.callback(client.close)
+        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1024))
+        assert _recv_all(client).startswith(b"HTTP/1.1 400")
+
+        # A body ten times the header limit, sent with its headers in one write, is a body: it reaches
+        # the app (which refuses the lead for its content, not the request for its size).
+        body = b'{"lead": {"x": "' + b"b" * (10 * MAX_HEADER_BYTES) + b'"}}'
+        with httpx.Client(base_url=live.url, timeout=10) as http:
+            answer = http.post("/api/publishers/contoso/leads", content=body)
+        assert answer.status_code == 401
 
 
 def test_at_the_cap_a_new_connection_evicts_the_oldest_idle_one_so_health_answers(tmp_path: Path) -> None:

@@ -27,6 +27,14 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    HTTPTOOLS = True
+except ImportError:  # pragma: no cover - httptools is a dependency; h11 is uvicorn's own fallback
+    HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
+    HTTPTOOLS = False
+
 logger = logging.getLogger(__name__)
 
 #: Seconds a request (request line, headers and body) has to arrive whole.
@@ -71,24 +79,29 @@ def connection_cap(fd_limit: int, worker_concurrency: int) -> int:
     return max(1, min(MAX_CONNECTIONS, free // 2))
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-read deadline and a connection cap (module docstring).
-
-    The class attributes are set by :func:`guarded_protocol`; one subclass per server.
-    """
+class _ConnectionGuard:
+    """The request-read deadline and the connection cap, over either of uvicorn's HTTP protocols
+    (module docstring). The protocol says when the request in hand is whole (:meth:`_request_whole`)."""
 
     max_connections: ClassVar[int] = MAX_CONNECTIONS
     read_timeout: ClassVar[float] = REQUEST_READ_TIMEOUT
+    # What the uvicorn protocol it is mixed into provides.
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    connections: set[Any]
+    cycle: Any
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _guard_init(self) -> None:
         self._read_deadline: asyncio.TimerHandle | None = None
         self._opened = 0.0
 
+    def _request_whole(self) -> bool:
+        raise NotImplementedError
+
     # -- connection cap ----------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         self._opened = self.loop.time()
         if len(self.connections) > self.max_connections and not self._evict_one_idle():
             logger.warning("refusing a connection: every one of the %d allowed is busy", self.max_connections)
@@ -104,7 +117,7 @@ class GuardedH11Protocol(H11Protocol):
         idle = [
             other
             for other in self.connections
-            if other is not self and isinstance(other, GuardedH11Protocol) and other._idle()
+            if other is not self and isinstance(other, _ConnectionGuard) and other._idle()
         ]
         if not idle:
             return False
@@ -128,7 +141,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _read_timed_out(self) -> None:
         self._read_deadline = None
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+        if not self._request_whole() and not self.transport.is_closing():
             logger.info("closing a connection whose request did not arrive within %.0f s", self.read_timeout)
             self._close()
 
@@ -137,13 +150,8 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
-            self._cancel_read_deadline()  # the request is whole; the app has it
-
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing():
             # The next request on this connection gets a deadline of its own. uvicorn's keep-alive
             # timer alone is not enough: any byte received cancels it, so a trickle would hold on.
@@ -152,16 +160,78 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_deadline()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
 
-def guarded_protocol(*, max_connections: int, read_timeout: float = REQUEST_READ_TIMEOUT) -> type[GuardedH11Protocol]:
-    """A :class:`GuardedH11Protocol` subclass bound to these limits. Raises ValueError below 1."""
+class GuardedH11Protocol(_ConnectionGuard, H11Protocol):  # type: ignore[misc]
+    """uvicorn's h11 protocol with the guard; h11 itself bounds the request line and headers
+    (``h11_max_incomplete_event_size``). The class attributes are set by :func:`guarded_protocol`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard_init()
+
+    def _request_whole(self) -> bool:
+        return self.conn.their_state not in (h11.IDLE, h11.SEND_BODY)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_whole():
+            self._cancel_read_deadline()  # the request is whole; the app has it
+
+
+class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):  # type: ignore[misc]
+    """uvicorn's httptools protocol (the C parser: less CPU per request than h11) with the guard, and
+    the bound on request line and headers that h11 applies itself: more than
+    :data:`MAX_HEADER_BYTES` before the headers end is answered 400 and closed, as h11 answers it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard_init()
+        self._whole = False
+        #: Bytes received of the request line and headers of the request being read (None: past them).
+        self._head_bytes: int | None = 0
+
+    def _request_whole(self) -> bool:
+        return self._whole
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Counted after parsing, so that a body arriving with its headers is not counted as them.
+        if self._head_bytes is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._cancel_read_deadline()
+                self.send_400_response("Invalid HTTP request received.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._whole = False
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._whole = True
+        self._cancel_read_deadline()  # the request is whole; the app has it
+
+
+def guarded_protocol(
+    *, max_connections: int, read_timeout: float = REQUEST_READ_TIMEOUT
+) -> type[GuardedHttpToolsProtocol] | type[GuardedH11Protocol]:
+    """The guarded protocol bound to these limits: over httptools when it is installed (it is a
+    dependency; h11 stays uvicorn's own fallback). Raises ValueError below 1."""
     if max_connections < 1 or read_timeout <= 0:
         raise ValueError("max_connections and read_timeout must be positive")
+    base: type[GuardedHttpToolsProtocol] | type[GuardedH11Protocol] = (
+        GuardedHttpToolsProtocol if HTTPTOOLS else GuardedH11Protocol
+    )
     return type(
-        "BoundGuardedH11Protocol",
-        (GuardedH11Protocol,),
+        f"Bound{base.__name__}",
+        (base,),
         {"max_connections": max_connections, "read_timeout": read_timeout},
     )
 
@@ -175,7 +245,7 @@ def server_config(
     read_timeout: float = REQUEST_READ_TIMEOUT,
     **options: Any,
 ) -> uvicorn.Config:
-    """The uvicorn config ``serve`` runs: h11 with the guard, keep-alive and header limits, no access log.
+    """The uvicorn config ``serve`` runs: the guarded protocol, keep-alive and header limits, no access log.
 
     Raises ValueError for limits below 1.
     """

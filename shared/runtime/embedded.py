@@ -78,11 +78,13 @@ MAX_OVERFLOW_DELAY = 60.0
 #: Messages of one publisher a non-write stage handles in one go when its backlog is long: their
 #: forwards go in one send and their completions in one broker write, not one of each per message.
 SETTLE_GROUP = 50
-#: A non-write stage fed a trickle (one POST at a time) waits up to TRICKLE_WAIT seconds for a
-#: publisher's backlog to reach TRICKLE_GROUP before dispatching it, and hands out groups of at least
-#: that many: one claim, one send and one complete for a few leads instead of each of them per lead.
+#: The first stage fed a trickle (one POST at a time) waits up to TRICKLE_WAIT seconds for a
+#: publisher's backlog to reach TRICKLE_GROUP before dispatching it, and the non-write stages hand out
+#: groups of at least that many: a group formed once travels on together (one claim, one send and one
+#: complete per stage, one CRM request), so only the first stage waits. Measured against a 20 ms wait
+#: in both non-write stages: at 100 leads/s, CPU 2.6 -> 1.5 ms per lead, p99 180 -> 95 ms.
 TRICKLE_GROUP = 8
-TRICKLE_WAIT = 0.02
+TRICKLE_WAIT = 0.05
 #: What a stuck publisher holds beyond its part, while its CRM fails or does not answer, is first put
 #: off this long, then twice as long each time (up to MAX_OVERFLOW_DELAY).
 FAILING_DEFERRAL = 5.0
@@ -330,9 +332,14 @@ class StageWorker:
                         take = min(len(state.backlog), self.max_batch)
                     else:
                         # A backlog is shared out over the free slots in groups (up to SETTLE_GROUP), each
-                        # settled with one send and one complete; a short one waits a moment (TRICKLE_WAIT)
-                        # to grow, then goes in groups of TRICKLE_GROUP rather than one per slot.
-                        if len(state.backlog) < TRICKLE_GROUP and now - state.backlog[0][1] < TRICKLE_WAIT:
+                        # settled with one send and one complete; a short one in the first stage waits a
+                        # moment (TRICKLE_WAIT) to grow, then goes in groups of TRICKLE_GROUP rather than
+                        # one per slot.
+                        if (
+                            self.stage is Stage.VALIDATE_CREDENTIALS
+                            and len(state.backlog) < TRICKLE_GROUP
+                            and now - state.backlog[0][1] < TRICKLE_WAIT
+                        ):
                             break  # a trickle: a moment more, and the next few leads go with it
                         slots = max(1, min(limit - state.in_flight, self.concurrency - answering))
                         take = max(

@@ -52,11 +52,12 @@ def test_the_faulty_publishers_leads_wait_and_nothing_is_sent_into_a_known_penal
     assert isinstance(pubs, dict)
     for run in ("in_flight", "faulty"):
         faulty = pubs["faulty_orgs"][run]
-        assert faulty["throttled_429s"] == 1, "one request meets the 429; the rest wait out the penalty"
-        assert faulty["throttled_during_penalty"] == 0
-        assert faulty["hung_requests"] >= 1
+        # Each message carries the run's figures, so a failure under load says which count moved.
+        assert faulty["throttled_429s"] == 1, f"one request meets the 429, the rest wait: {run} {faulty}"
+        assert faulty["throttled_during_penalty"] == 0, f"{run} {faulty}"
+        assert faulty["hung_requests"] >= 1, f"{run} {faulty}"
     faulty_run = report["runs"]["faulty"]  # type: ignore[index]
-    assert faulty_run["in_broker"] + faulty_run["dead_lettered"] == 2 * 5, "the faulty two's leads are kept"
+    assert faulty_run["in_broker"] + faulty_run["dead_lettered"] == 2 * 5, f"faulty leads kept: {faulty_run}"
 
 
 def test_the_report_names_every_target_with_a_measured_figure(report: dict[str, object]) -> None:

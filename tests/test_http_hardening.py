@@ -142,13 +142,20 @@ def test_idle_and_trickling_connections_are_capped_and_timed_out_while_health_an
         assert wait_until(lambda: live.connections() == 0, timeout=10)
 
 
-def test_a_keep_alive_connection_that_trickles_its_next_request_is_closed(tmp_path: Path) -> None:
+@contextmanager
+def served_with_a_client(tmp_path: Path, timeout: float) -> Iterator[tuple[Served, socket.socket]]:
+    """The API served over fresh services, and one raw socket connected to it."""
     services = Services.from_settings(make_settings(tmp_path / "data"))
     with ExitStack() as stack:
         stack.callback(services.close)
         live = stack.enter_context(served(services))
-        client = socket.create_connection(("127.0.0.1", live.port), timeout=5)
+        client = socket.create_connection(("127.0.0.1", live.port), timeout=timeout)
         stack.callback(client.close)
+        yield live, client
+
+
+def test_a_keep_alive_connection_that_trickles_its_next_request_is_closed(tmp_path: Path) -> None:
+    with served_with_a_client(tmp_path, timeout=5) as (_live, client):
         client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert client.recv(65536).startswith(b"HTTP/1.1 200")
         client.sendall(PARTIAL_REQUEST)
@@ -164,12 +171,7 @@ def _recv_all(client: socket.socket) -> bytes:
 
 
 def test_headers_over_the_limit_are_refused_400_and_closed_while_a_large_body_is_read(tmp_path: Path) -> None:
-    services = Services.from_settings(make_settings(tmp_path / "data"))
-    with ExitStack() as stack:
-        stack.callback(services.close)
-        live = stack.enter_context(served(services))
-        client = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-        stack.callback(client.close)
+    with served_with_a_client(tmp_path, timeout=10) as (live, client):
         client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1024))
         assert _recv_all(client).startswith(b"HTTP/1.1 400")
 

@@ -231,12 +231,7 @@ class Guard:
         wait = limiter.retry_after(address)
         if wait is not None:
             raise TooManyFailedKeys(wait)
-        key = bearer_key(request)
-        from_query = False
-        if key is None and self.query_key:
-            query_key = request.query_params.get("key")
-            if query_key:
-                key, from_query = query_key, True
+        key, from_query = self._presented_key(request)
         if key is None:
             raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
         principal = await identify(services, key, allow_admin=not from_query)
@@ -259,10 +254,7 @@ class Guard:
         services = services_of(request)
         if _limiter_of(request).retry_after(_address_of(request)) is not None:
             return None
-        key = bearer_key(request)
-        from_query = False
-        if key is None and self.query_key:
-            key, from_query = request.query_params.get("key") or None, True
+        key, from_query = self._presented_key(request)
         if key is None:
             return None
         if not from_query and _is_admin_key(services, key):
@@ -272,12 +264,22 @@ class Guard:
             if not known or publisher_id is None:
                 return None
             principal = Principal(admin=False, publisher_id=publisher_id)
-        if self.admin_only and not principal.admin:
-            return None
-        target = request.path_params.get("publisherId")
-        if not self.admin_only and not (isinstance(target, str) and principal.may_act_for(target)):
+        if self.admin_only:
+            return principal if principal.admin else None
+        try:
+            self.check_scope(principal, request)  # a subclass's own scope rule, if it has one
+        except Forbidden:
             return None
         return principal
+
+    def _presented_key(self, request: Request) -> tuple[str | None, bool]:
+        """The key the request presents, and whether it came as ``?key=`` (only where allowed)."""
+        key = bearer_key(request)
+        if key is None and self.query_key:
+            query_key = request.query_params.get("key")
+            if query_key:
+                return query_key, True
+        return key, False
 
     def check_scope(self, principal: Principal, request: Request) -> None:
         """The key may act for the publisher the request names (the ``publisherId`` path parameter).

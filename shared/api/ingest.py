@@ -145,15 +145,7 @@ def deliver_lead(services: Services, seen: SeenIds, lead: PreparedLead) -> Outco
     on the retry; a lead posted twice at once is sent twice with one message id, and the broker's
     duplicate detection and the idempotent write keep it one lead in the CRM.
     """
-    try:
-        # Grouped with the sends of requests arriving at the same moment: one broker write for them all.
-        services.ingest.send(QUEUE_INCOMING, [lead.message])
-    except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the caller should retry
-        logger.warning(
-            "could not queue lead %s of publisher %s: %s", lead.lead_id, lead.publisher_id, type(exc).__name__
-        )
-        return retry_later_response("the lead could not be queued now; send it again", None)
-    return _record_seen(seen, lead)
+    return deliver_leads(services, seen, [lead])[0]
 
 
 def _record_seen(seen: SeenIds, lead: PreparedLead) -> Outcome:
@@ -179,12 +171,18 @@ def _record_seen(seen: SeenIds, lead: PreparedLead) -> Outcome:
 def deliver_leads(services: Services, seen: SeenIds, leads: list[PreparedLead]) -> list[Outcome]:
     """:func:`deliver_lead` for leads posted at the same moment, with one broker send for them all
     (all or nothing, as one send is): the outcome of each, in order."""
-    if len(leads) == 1:
-        return [deliver_lead(services, seen, leads[0])]
     try:
+        # Grouped with the sends of requests arriving at the same moment: one broker write for them all.
         services.ingest.send(QUEUE_INCOMING, [lead.message for lead in leads])
     except Exception as exc:  # noqa: BLE001 - adapters raise their own errors; the callers should retry
-        logger.warning("could not queue %d leads: %s", len(leads), type(exc).__name__)
+        first = leads[0]
+        logger.warning(
+            "could not queue %d lead(s), lead %s of publisher %s first: %s",
+            len(leads),
+            first.lead_id,
+            first.publisher_id,
+            type(exc).__name__,
+        )
         return [retry_later_response("the lead could not be queued now; send it again", None) for _ in leads]
     return [_record_seen(seen, lead) for lead in leads]
 

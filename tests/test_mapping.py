@@ -187,7 +187,7 @@ TEXT = st.text(st.characters(codec="utf-8"), max_size=400)
     offer=TEXT,
     company=TEXT,
     description=st.text(max_size=3000),
-    literal=st.text(st.characters(exclude_characters="{}"), max_size=50),
+    literal=st.text(st.characters(codec="utf-8", exclude_characters="{}"), max_size=50),
 )
 def test_templated_standard_columns_never_exceed_their_length_or_split_a_surrogate_pair(
     offer: str, company: str, description: str, literal: str

@@ -950,6 +950,26 @@ def test_hang_all_stalls_every_request_through_the_admin_api_until_cleared(
     assert http(simulator, "GET", url, token).status_code == 200
 
 
+def test_a_request_stalled_by_a_hang_carries_on_when_the_faults_are_cleared(
+    simulator: CrmSimulator, crm_org: SimOrg, token: str
+) -> None:
+    simulator.faults(crm_org.name).hang_all(300)
+    answers: list[int] = []
+    url = f"{crm_org.url}{API}WhoAmI"
+
+    def call() -> None:
+        answers.append(http(simulator, "GET", url, token, timeout=60).status_code)
+
+    stalled = threading.Thread(target=call)
+    stalled.start()
+    poll(lambda: simulator.requests(crm_org.name).total == 1)
+    assert answers == [], "the request is stalled"
+
+    simulator.faults(crm_org.name).clear()
+    stalled.join(30)
+    assert answers == [200], "answered long before the hang's 300 s"
+
+
 def test_reset_next_drops_the_connection_without_an_answer(
     simulator: CrmSimulator, crm_org: SimOrg, token: str
 ) -> None:

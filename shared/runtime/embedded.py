@@ -11,11 +11,13 @@ hangs: through the retry schedule), so a flood from one publisher cannot fill th
 Many publishers, some of them stuck (a hung CRM, a long penalty), must not add up to a stuck worker:
 
 - a publisher gets one message in flight until some work of it has come back from its CRM (and again
-  while its CRM fails or its work in flight has gone unanswered for ``SLOW_AFTER``), so a CRM that
-  hangs from the start blocks one thread, not ``publisher_concurrency`` of them;
+  while its CRM fails or its work in flight has gone unanswered for ``SLOW_AFTER``), and that work is
+  one message, so a CRM that hangs from the start blocks one thread and one message, not
+  ``publisher_concurrency`` threads or a group of messages;
 - work unanswered for ``SLOW_AFTER`` no longer counts against ``concurrency``: the pool has spare
   threads (``THREADS_PER_SLOT`` times ``concurrency`` in all) so that healthy publishers keep their
-  ``concurrency`` while hung requests wait for the client's read timeout;
+  ``concurrency`` while hung requests wait for the client's read timeout, and its messages no longer
+  count against the worker's capacity, so the worker keeps receiving the others' messages;
 - stuck publishers together hold at most half the worker's capacity (one alone: its usual share):
   what a stuck publisher holds beyond its part is deferred without spending an attempt (it never
   reached the CRM; the messages tried, one at a time, spend theirs), so their backlogs cannot fill
@@ -154,8 +156,9 @@ class StageWorker:
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
         self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
-        #: Start of every piece of work in flight, by token (the threads it holds).
+        #: Start of every piece of work in flight, by token (the threads it holds), and its messages.
         self._running: dict[int, float] = {}
+        self._sizes: dict[int, int] = {}
         self._tokens = itertools.count()
         #: Where the next dispatch round starts among the publishers, so each gets its turn first.
         self._rotor = 0
@@ -195,7 +198,14 @@ class StageWorker:
 
     def _receive(self) -> None:
         with self._lock:
-            free = self.capacity - self._held
+            # Messages in work gone unanswered (a CRM that hangs until the read timeout) do not count
+            # against the capacity, as their threads do not count against ``concurrency``: otherwise
+            # the groups hung publishers hold in flight fill the worker, and it stops receiving the
+            # healthy publishers' messages behind them. Bounded all the same: at most ``max_threads``
+            # pieces of work are in flight.
+            now = time.monotonic()
+            hung = sum(self._sizes[t] for t, started in self._running.items() if now - started > SLOW_AFTER)
+            free = self.capacity - (self._held - hung)
             idle = self._busy == 0 and self._held == 0
         if free <= 0:
             with self._lock:
@@ -307,8 +317,10 @@ class StageWorker:
                 if state.not_before > now or not state.backlog:
                     continue
                 limit = self.publisher_concurrency
-                if state.failing or not state.proven or state.unanswered(now):
-                    # Until its CRM has answered (again), one at a time: a CRM that hangs holds one thread.
+                probing = state.failing or not state.proven or state.unanswered(now)
+                if probing:
+                    # Until its CRM has answered (again), one message at a time: a CRM that hangs holds
+                    # one thread and one message, not a group or a $batch of them.
                     limit = 1
                     if state.failing and unanswered >= self.max_threads - 2 * self.concurrency:
                         continue  # the spares are full of unanswered work: no more probes for now
@@ -328,7 +340,9 @@ class StageWorker:
                     and answering < self.concurrency
                     and len(self._running) < self.max_threads
                 ):
-                    if self.batching:
+                    if probing:
+                        take = 1
+                    elif self.batching:
                         take = min(len(state.backlog), self.max_batch)
                     else:
                         # A backlog is shared out over the free slots in groups (up to SETTLE_GROUP), each
@@ -350,6 +364,7 @@ class StageWorker:
                         state.last_progress = now  # the wait for an answer starts now, not when it was idle
                     token = next(self._tokens)
                     self._running[token] = state.running[token] = now
+                    self._sizes[token] = take
                     state.in_flight += 1
                     self._busy += 1
                     answering += 1
@@ -391,6 +406,7 @@ class StageWorker:
             with self._lock:
                 now = time.monotonic()
                 self._running.pop(token, None)
+                self._sizes.pop(token, None)
                 state.running.pop(token, None)
                 for m, _ in batch:
                     self._in_flight.pop(id(m), None)

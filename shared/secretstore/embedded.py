@@ -169,10 +169,22 @@ class EmbeddedSecretStore:
             self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
         )
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
-        return conn
+        # Switching a new file to WAL, and the first reads while another connection does so, can
+        # answer "database is locked" at once without calling the busy handler (SQLite gives up
+        # rather than wait on a WAL recovery): stores opened at the same moment retry, within the
+        # same bound as the busy timeout.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_SCHEMA)
+                return conn
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.05)
 
     def _check_key(self) -> None:
         with self._locked() as conn:

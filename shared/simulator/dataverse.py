@@ -204,7 +204,7 @@ class DataverseApp:
         if fault.kind == "hang":
             # Stall, then carry on: the request still happens, as on a slow server after the
             # client gave up waiting (which is what makes idempotent retries necessary).
-            self._stopping.wait(fault.seconds)
+            self._org.faults.stall(fault.seconds, self._stopping)
             return None
         if fault.kind == "redirect":
             return Response(302, b"", [("Location", fault.location), _ODATA])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -30,6 +31,9 @@ class Faults:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: Notified by :meth:`clear`: requests stalled by a hang end then (the CRM has recovered).
+        self._cleared = threading.Condition(self._lock)
+        self._clears = 0
         self._latency = 0.0
         self._queue: deque[Fault] = deque()
         self._token: deque[int] = deque()
@@ -162,7 +166,7 @@ class Faults:
             self._token.extend([status] * n)
 
     def clear(self) -> None:
-        """Drop every pending fault and the added latency."""
+        """Drop every pending fault and the added latency; requests stalled by a hang carry on now."""
         with self._lock:
             self._latency = 0.0
             self._queue.clear()
@@ -170,6 +174,20 @@ class Faults:
             self._chaos = []
             self._every = self._every_count = 0
             self._hang_all = 0.0
+            self._clears += 1
+            self._cleared.notify_all()
+
+    def stall(self, seconds: float, stopping: threading.Event) -> None:
+        """Hold a request for ``seconds``, or until :meth:`clear` or ``stopping`` (checked every
+        quarter second), whichever comes first."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            clears = self._clears
+            while self._clears == clears and not stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cleared.wait(min(remaining, 0.25))
 
     def take(self, *, authenticated: bool = True) -> Fault | None:
         """The fault for the request that just arrived, if any (consumes it).

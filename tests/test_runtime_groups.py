@@ -4,12 +4,13 @@ message to be retried, so a failing or hanging CRM is not met once per message o
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
 from shared.names import QUEUE_READY
 from shared.pipeline.outcomes import Forward, Outcome, Retry, Stage
-from shared.runtime.embedded import StageWorker, wait_until
+from shared.runtime.embedded import FORGET_EVERY, IDLE_FORGET, StageWorker, _PublisherState, wait_until
 from shared.transport import EmbeddedBroker, OutgoingMessage, ReceivedMessage
 
 
@@ -138,3 +139,15 @@ def test_a_crm_that_stops_answering_with_groups_in_flight_does_not_stop_the_work
     finally:
         pipeline.release.set()
         worker.stop(30)
+
+
+def test_a_publisher_idle_for_ten_minutes_is_forgotten_and_an_active_one_is_kept(broker: EmbeddedBroker) -> None:
+    worker = StageWorker(Stage.CHECK_SOLUTION, broker, ScriptedPipeline([]))  # type: ignore[arg-type]
+    now = time.monotonic()
+    idle, held, _recent = (worker._publishers.setdefault(p, _PublisherState()) for p in ("idle", "held", "recent"))
+    idle.last_progress = held.last_progress = now - IDLE_FORGET - 1
+    held.backlog.append((messages(broker, 1)[0], now))
+
+    assert worker._forget_idle(now + FORGET_EVERY) == 1
+    assert set(worker._publishers) == {"held", "recent"}
+    assert worker._forget_idle(now + FORGET_EVERY + 1) == 0, "not looked at again before FORGET_EVERY"

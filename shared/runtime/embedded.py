@@ -90,6 +90,11 @@ TRICKLE_WAIT = 0.05
 #: What a stuck publisher holds beyond its part, while its CRM fails or does not answer, is first put
 #: off this long, then twice as long each time (up to MAX_OVERFLOW_DELAY).
 FAILING_DEFERRAL = 5.0
+#: A publisher with nothing held, nothing in flight and nothing finished for this long is forgotten
+#: (checked every FORGET_EVERY seconds): a worker that sees many publishers over its lifetime keeps
+#: state only for the active ones. Coming back, it is sent one message first, as a new one is.
+IDLE_FORGET = 600.0
+FORGET_EVERY = 60.0
 #: A held publisher is dispatched this much before its wait ends: the pacer's short wait
 #: (PacingPolicy.max_wait) then sends it on time instead of a receive-loop tick late.
 HOLD_EARLY = 0.03
@@ -162,6 +167,7 @@ class StageWorker:
         self._tokens = itertools.count()
         #: Where the next dispatch round starts among the publishers, so each gets its turn first.
         self._rotor = 0
+        self._forgotten_at = time.monotonic()
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=self.max_threads, thread_name_prefix=f"lw-{stage}")
@@ -189,6 +195,7 @@ class StageWorker:
                 self._shed()
                 self._dispatch()
                 self._renew_locks()
+                self._forget_idle()
             except Exception:
                 logger.exception("stage %s: receive loop failed; retrying in a second", self.stage)
                 self._stop.wait(1.0)
@@ -241,6 +248,25 @@ class StageWorker:
                 self._held += 1
         for message, outcome in deferred:
             self._run_outcome(message, outcome, now)
+
+    def _forget_idle(self, now: float | None = None) -> int:
+        """Drop the state of publishers idle for IDLE_FORGET (at most every FORGET_EVERY); how many."""
+        now = time.monotonic() if now is None else now
+        if now - self._forgotten_at < FORGET_EVERY:
+            return 0
+        self._forgotten_at = now
+        with self._lock:
+            idle = [
+                publisher
+                for publisher, state in self._publishers.items()
+                if not state.backlog
+                and state.in_flight == 0
+                and state.not_before <= now
+                and now - state.last_progress > IDLE_FORGET
+            ]
+            for publisher in idle:
+                del self._publishers[publisher]
+        return len(idle)
 
     def _stuck(self, state: _PublisherState, now: float) -> bool:
         """Held by a penalty, its CRM failing, or its work in flight unanswered for a while."""

@@ -46,13 +46,7 @@ def in_flight(worker: StageWorker, publishers: set[str]) -> dict[str, int]:
 
 
 def messages(broker: EmbeddedBroker, count: int) -> list[ReceivedMessage]:
-    broker.send(
-        "leads-validated",
-        [
-            OutgoingMessage(body=b"{}", message_id=f"m{n}", application_properties={"publisherId": "contoso"})
-            for n in range(count)
-        ],
-    )
+    send(broker, [("contoso", n) for n in range(count)])
     return broker.receive("leads-validated", max_messages=count)
 
 

@@ -161,9 +161,8 @@ class StageWorker:
         #: Messages being worked on, by id() (ReceivedMessage is not hashable), for lock renewal.
         self._in_flight: dict[int, ReceivedMessage] = {}
         self._busy = 0
-        #: Start of every piece of work in flight, by token (the threads it holds), and its messages.
-        self._running: dict[int, float] = {}
-        self._sizes: dict[int, int] = {}
+        #: Start and message count of every piece of work in flight, by token (the threads it holds).
+        self._running: dict[int, tuple[float, int]] = {}
         self._tokens = itertools.count()
         #: Where the next dispatch round starts among the publishers, so each gets its turn first.
         self._rotor = 0
@@ -211,7 +210,7 @@ class StageWorker:
             # healthy publishers' messages behind them. Bounded all the same: at most ``max_threads``
             # pieces of work are in flight.
             now = time.monotonic()
-            hung = sum(self._sizes[t] for t, started in self._running.items() if now - started > SLOW_AFTER)
+            hung = sum(size for started, size in self._running.values() if now - started > SLOW_AFTER)
             free = self.capacity - (self._held - hung)
             idle = self._busy == 0 and self._held == 0
         if free <= 0:
@@ -331,7 +330,7 @@ class StageWorker:
         now = time.monotonic()
         with self._lock:
             # Work unanswered for SLOW_AFTER holds a spare thread, not one of the ``concurrency``.
-            answering = sum(1 for started in self._running.values() if now - started <= SLOW_AFTER)
+            answering = sum(1 for started, _ in self._running.values() if now - started <= SLOW_AFTER)
             unanswered = len(self._running) - answering
             publishers = list(self._publishers.items())
             if not publishers:
@@ -389,8 +388,8 @@ class StageWorker:
                     if state.in_flight == 0:
                         state.last_progress = now  # the wait for an answer starts now, not when it was idle
                     token = next(self._tokens)
-                    self._running[token] = state.running[token] = now
-                    self._sizes[token] = take
+                    self._running[token] = (now, take)
+                    state.running[token] = now
                     state.in_flight += 1
                     self._busy += 1
                     answering += 1
@@ -432,7 +431,6 @@ class StageWorker:
             with self._lock:
                 now = time.monotonic()
                 self._running.pop(token, None)
-                self._sizes.pop(token, None)
                 state.running.pop(token, None)
                 for m, _ in batch:
                     self._in_flight.pop(id(m), None)
